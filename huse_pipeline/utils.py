@@ -1,0 +1,47 @@
+"""Small helpers shared by the stages: atomic file writes, device resolution, seeding."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import HuseError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
+
+    Whoever writes to the yielded path either finishes and the result appears under `path` in one
+    `os.replace`, or fails and the temporary file is removed: no reader ever sees a half-written
+    file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:  # flush the data to disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map `auto|cpu|cuda[:N]` to a torch device; `auto` picks CUDA when it is available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HuseError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise HuseError(f"unknown device {device!r}: use auto, cpu or cuda") from exc
