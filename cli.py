@@ -120,5 +120,33 @@ def build_graph_cmd(**options) -> None:
 # -------------------------------------------------------------------------------- evaluation
 
 
+@main.command("eval")
+@click.option("--run", type=click.Path(file_okay=False), default=None,
+              help="Run folder written by `huse train` (its best.pt is evaluated). Default: the latest run under cache/runs/.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Evaluate this checkpoint file instead of a run.")
+@click.option("--features", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES, help="Feature file to evaluate on.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", help="Items to evaluate.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Metrics JSON to write. Default: <run>/eval_<split>.json.")
+@click.option("--baselines", is_flag=True,
+              help="Also train the paper's separate-model baselines (one per modality, the run's settings) and "
+                   "score retrieval with the raw frozen features.")
+@click.option("--report", type=click.Path(file_okay=False), default=None,
+              help="Write a self-contained HTML report, DIR/index.html.")
+@click.option("--report-map", type=click.Choice(["tsne", "pca"]), default="tsne", help="2-D map of the universal space in the report.")
+@click.option("--device", type=DEVICES, default="auto", help="Where the model and the retrieval run.")
+@click.option("--query-chunk", type=click.IntRange(min=1), default=1024, help="Queries per retrieval block.")
+@click.option("--gallery-chunk", type=click.IntRange(min=1), default=16384,
+              help="Gallery items per retrieval block (memory ~ query-chunk x gallery-chunk).")
+def eval_cmd(**options) -> None:
+    """Evaluate a trained model on one split: classification, class- and instance-level retrieval,
+    hierarchical precision, mistake severity, the fidelity of the universal space."""
+    from huse_pipeline.evaluate import EvalConfig, format_table, run_evaluation
+
+    result = run_evaluation(EvalConfig(**options))
+    click.echo(format_table(result.metrics))
+    click.echo(f"\nwrote {result.out}" + (f"\nreport: {result.extra['report']}" if "report" in result.extra else "")
+               + f"\nevaluation took {result.metrics['meta/eval_time_s']:.2f} s (report not included)")
+
+
 if __name__ == "__main__":
     main()
