@@ -385,7 +385,7 @@ def format_table(m: dict[str, Any]) -> str:
     for task in TASKS:
         rows.append([task] + [_fmt(m[f"{task}/{k}"], 2 if k == "severity" else 3) for k in RETRIEVAL_METRICS])
         if has_base and task in IN_MODAL_TASKS:
-            rows.append([f"  raw features"] + [_fmt(m[f"baseline/{task}/{k}"], 2 if k == "severity" else 3)
+            rows.append(["  raw features"] + [_fmt(m[f"baseline/{task}/{k}"], 2 if k == "severity" else 3)
                                                for k in RETRIEVAL_METRICS])
     lines += _table(["retrieval (class)", *RETRIEVAL_METRICS], rows) + [""]
     rows = [[t] + [_fmt(m[f"{t}/{k}"], 1 if k == "medr" else 3) for k in INSTANCE_METRICS] for t in ("img2txt", "txt2img")]

@@ -32,12 +32,14 @@ def similarity(query: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return (query.double() @ gallery.double().T).float()
 
 
-def _exclusion_mask(exclude: torch.Tensor | None, start: int, size: int, device: torch.device) -> torch.Tensor | None:
-    """(q, size) bool, True where gallery item start + j is the query's excluded item."""
+def _exclude(scores: torch.Tensor, exclude: torch.Tensor | None, start: int) -> torch.Tensor:
+    """Set scores[i, exclude[i] - start] to -inf (in place) where that item lies in this chunk (q, g)."""
     if exclude is None:
-        return None
-    idx = torch.arange(start, start + size, device=device)
-    return exclude[:, None] == idx[None, :]
+        return scores
+    rows = ((exclude >= start) & (exclude < start + scores.shape[1])).nonzero().squeeze(1)
+    if len(rows):
+        scores[rows, exclude[rows] - start] = float("-inf")
+    return scores
 
 
 def _keep_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +58,24 @@ def _keep_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch
     return scores[keep].view(q, k), index[keep].view(q, k)  # boolean indexing keeps column order
 
 
+def _chunk_topk(scores: torch.Tensor, start: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of one gallery chunk (q, g) -> (q, k) scores and gallery indices, in index order.
+
+    torch.topk is exact whenever the k-th value is not shared with an item it left out; only the
+    rows where it is (ties across the cut) go through the slower explicit tie rule.
+    """
+    k = min(k, scores.shape[1])
+    values, pos = torch.topk(scores, k, dim=1)  # (q, k), ties in unspecified order
+    kth = values[:, -1:]
+    ambiguous = (scores >= kth).sum(dim=1) > k  # (q,) an item tied with the k-th was left out
+    if ambiguous.any():
+        rows = ambiguous.nonzero().squeeze(1)
+        cols = torch.arange(scores.shape[1], device=scores.device).expand(len(rows), -1)
+        values[rows], pos[rows] = _keep_topk(scores[rows], cols, k)
+    pos, order = pos.sort(dim=1)  # ascending index order, as _keep_topk expects of its input
+    return values.gather(1, order), pos + start
+
+
 def iter_topk(
     query: torch.Tensor,
     gallery: torch.Tensor,
@@ -71,7 +91,8 @@ def iter_topk(
     similar gallery items, best first; ties go to the lower gallery index. `exclude` (Q,) names
     one gallery index per query that is never returned (the query itself in in-modal retrieval;
     -1 for none). k is capped at the number of candidates (G, or G - 1 with `exclude`).
-    Memory: O(query_chunk x (gallery_chunk + k)).
+    Memory: O(query_chunk x (gallery_chunk + k)). Each gallery chunk is cut to its own top k by
+    torch.topk first, then merged with the running best.
     """
     n_query, n_gallery = query.shape[0], gallery.shape[0]
     k = min(k, n_gallery - (1 if exclude is not None else 0))
@@ -85,12 +106,9 @@ def iter_topk(
         best_s = torch.full((q.shape[0], k), float("-inf"), device=q.device)
         best_i = torch.full((q.shape[0], k), -1, dtype=torch.long, device=q.device)
         for g0 in range(0, n_gallery, gallery_chunk):
-            s = similarity(q, gallery[g0:g0 + gallery_chunk])  # (q, g)
-            mask = _exclusion_mask(ex, g0, s.shape[1], s.device)
-            if mask is not None:
-                s = s.masked_fill(mask, float("-inf"))
-            idx = torch.arange(g0, g0 + s.shape[1], device=s.device).expand(s.shape[0], -1)  # (q, g)
-            best_s, best_i = _keep_topk(torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1), k)
+            s = _exclude(similarity(q, gallery[g0:g0 + gallery_chunk]), ex, g0)  # (q, g)
+            chunk_s, chunk_i = _chunk_topk(s, g0, k)  # (q, <=k), indices above every kept one
+            best_s, best_i = _keep_topk(torch.cat([best_s, chunk_s], 1), torch.cat([best_i, chunk_i], 1), k)
         # Best first; the stable sort keeps equal scores in ascending index order.
         order = torch.sort(best_s, dim=1, descending=True, stable=True).indices
         yield slice(q0, q0 + q.shape[0]), best_s.gather(1, order), best_i.gather(1, order)
@@ -137,8 +155,7 @@ def target_ranks(
             idx = torch.arange(g0, g0 + s.shape[1], device=s.device)[None, :]  # (1, g)
             ahead = (s > t_score) | ((s == t_score) & (idx < t[:, None]))
             ahead &= idx != t[:, None]
-            mask = _exclusion_mask(ex, g0, s.shape[1], s.device)
-            if mask is not None:
-                ahead &= ~mask
+            if ex is not None:
+                ahead &= idx != ex[:, None]
             ranks[q0:q0 + q.shape[0]] += ahead.sum(dim=1)
     return ranks

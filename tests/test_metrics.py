@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 from huse_pipeline import metrics
 from huse_pipeline.evaluate import retrieval_metrics
 from huse_pipeline.hierarchy import Hierarchy, hierarchical_sets
-from huse_pipeline.retrieval import l2_normalize, topk
+from huse_pipeline.retrieval import l2_normalize
 
 
 def sets_for(tree: np.ndarray) -> dict[int, torch.Tensor]:
