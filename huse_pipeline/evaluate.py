@@ -298,7 +298,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     attrs = features.read_attrs(cfg.features)
     class_names = features.read_class_names(cfg.features)
     check_compatible(ckpt, attrs, class_names, cfg.features)
-    fs = features.read_features(cfg.features)
+    fs = features.read_features(cfg.features, views=cfg.baselines)  # the baselines train like the run did
     items = _split_items(fs, cfg.split)
     val_items = fs.indices("val")
     val_items = val_items if len(val_items) else None
