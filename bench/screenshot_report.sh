@@ -21,9 +21,12 @@ profile=$(mktemp -d)
 trap 'rm -rf "$profile"' EXIT
 url="file://$(realpath "$target")"
 out=$(realpath -m "$out")
+rm -f "$out"
 
 "$browser" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
   --hide-scrollbars --user-data-dir="$profile" \
-  --screenshot="$out" --window-size="${size/x/,}" "$url" 2> >(grep -v -e dbus -e 'Fontconfig' >&2 || true)
+  --screenshot="$out" --window-size="${size/x/,}" "$url" 2>&1 \
+  | { grep -v -e dbus -e Fontconfig -e 'unexpected operator' -e 'bytes written' || true; }
+[[ -s $out ]] || { echo "Chromium wrote no screenshot" >&2; exit 1; }
 echo "wrote $out ($(du -k "$out" | cut -f1) KiB)"

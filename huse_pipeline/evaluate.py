@@ -328,8 +328,8 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     result.update({
         "meta/split": cfg.split,
         "meta/n_items": int(len(items)),
-        "meta/checkpoint": str(ckpt_path),
-        "meta/features": str(cfg.features),
+        "meta/checkpoint": str(ckpt_path.resolve()),
+        "meta/features": str(Path(cfg.features).resolve()),
         "meta/fusion_weight_source": source,
         "meta/eval_time_s": round(time.perf_counter() - start, 3),
     })
