@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,10 +23,6 @@ def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +86,25 @@ def test_class_counts() -> None:
         class_counts(len(CLASSES) - 1)
 
 
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
 def test_committed_catalogue_matches_generator(tmp_path: Path) -> None:
-    if not COMMITTED_CSV.exists():
-        pytest.skip("no committed data/catalogue.csv in this checkout")
     fresh = make_demo_catalogue(tmp_path)  # default arguments, as the script uses
     assert fresh.read_bytes() == COMMITTED_CSV.read_bytes(), (
         "data/catalogue.csv is stale: rerun scripts/make_demo_catalogue.py")
     _, rows = _read_rows(COMMITTED_CSV)
     for r in rows[:5] + rows[-3:]:
         committed, regenerated = COMMITTED_CSV.parent / r["image"], fresh.parent / r["image"]
-        assert _md5(committed) == _md5(regenerated), (
-            f"{r['image']} differs from the generator's output (Pillow/libjpeg version change?)")
+        # compare decoded pixels, not JPEG bytes: encoders of other libjpeg versions differ slightly
+        a, b = _pixels(committed), _pixels(regenerated)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 2.0, (
+            f"{r['image']} differs from the generator's output: rerun scripts/make_demo_catalogue.py")
 
 
 def test_committed_catalogue_content() -> None:
-    if not COMMITTED_CSV.exists():
-        pytest.skip("no committed data/catalogue.csv in this checkout")
     columns, rows = _read_rows(COMMITTED_CSV)
     assert columns == ["image", "text", "label"]
     assert len(rows) == 300
