@@ -101,9 +101,8 @@ def read_catalogue(
         raise HuseError("the label separator must not be empty")
 
     frame = frame.reset_index(drop=True)
-    frame["class_name"] = [
-        None if (segs := parse_label(lab, label_sep)) is None else label_sep.join(segs) for lab in frame["label"]
-    ]
+    class_names = [None if (segs := parse_label(lab, label_sep)) is None else label_sep.join(segs) for lab in frame["label"]]
+    frame["class_name"] = pd.Series(class_names, index=frame.index, dtype=object)  # keep None, not NaN
 
     if "split" in frame.columns:
         split = frame["split"].str.strip().str.lower()
