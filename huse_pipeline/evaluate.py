@@ -339,7 +339,8 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     log.info("wrote %s", out_path)
 
     res = EvalResult(metrics=result, outputs=out, fusion_weight=weight, tree_dist=np.asarray(tree),
-                     checkpoint=ckpt_path, run_dir=run_dir, out=out_path)
+                     checkpoint=ckpt_path, run_dir=run_dir, out=out_path,
+                     extra={"checkpoint_epoch": ckpt.get("epoch")})
     if cfg.report:
         from .report import write_report
 

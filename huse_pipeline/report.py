@@ -249,8 +249,9 @@ def map_figure(xy: np.ndarray, top: np.ndarray, names: list[str], n: int, method
     return fig
 
 
-def curves_figure(history: list[dict[str, Any]]) -> Figure | None:
-    """Loss parts and validation accuracy per epoch from metrics.jsonl rows."""
+def curves_figure(history: list[dict[str, Any]], mark_epoch: int | None = None) -> Figure | None:
+    """Loss parts and validation accuracy per epoch from metrics.jsonl rows; a dashed line at
+    `mark_epoch` (the evaluated checkpoint's epoch)."""
     x_key = "epoch" if all("epoch" in h for h in history) else None
     x = [h.get("epoch", i + 1) for i, h in enumerate(history)] if x_key else list(range(1, len(history) + 1))
     losses = [k for k in ("train/loss", "train/class", "train/graph", "train/gap") if any(k in h for h in history)]
@@ -266,6 +267,8 @@ def curves_figure(history: list[dict[str, Any]]) -> Figure | None:
         ax2.plot(x, [h.get(k, np.nan) for h in history], label=k)
     ax2.set_title("validation accuracy")
     for ax in (ax1, ax2):
+        if mark_epoch:
+            ax.axvline(mark_epoch, color="#888", ls="--", lw=1, label=f"checkpoint (epoch {mark_epoch})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -287,9 +290,9 @@ def _read_history(run_dir: Path | None) -> list[dict[str, Any]]:
     return rows
 
 
-def curves_section(run_dir: Path | None) -> str:
+def curves_section(run_dir: Path | None, mark_epoch: int | None = None) -> str:
     history = _read_history(run_dir)
-    fig = curves_figure(history) if history else None
+    fig = curves_figure(history, mark_epoch) if history else None
     if fig is not None:
         return _img(_png(fig), "training curves") + f'<p class="note">{len(history)} epochs from {_esc(run_dir / "metrics.jsonl")}.</p>'
     if run_dir is not None and (run_dir / "curves.png").is_file():
@@ -426,7 +429,7 @@ def write_report(result: "EvalResult", fs: FeatureSet, cfg: "EvalConfig") -> Pat
          + f'<p class="note">{method} of the L2-normalised image (●) and text (▲) embeddings of {len(sample)} items of '
          f"the split, coloured by top-level class. Matching colours should cluster whatever the marker.</p>"),
         ("examples", "Example retrievals", examples_section(result, fs, cfg.seed)),
-        ("curves", "Training curves", curves_section(result.run_dir)),
+        ("curves", "Training curves", curves_section(result.run_dir, result.extra.get("checkpoint_epoch"))),
     ]
     nav = "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{_esc(title)}</h2>{content}</section>' for sid, title, content in sections)
