@@ -153,6 +153,8 @@ def _split_items(fs: features.FeatureSet, split: str) -> np.ndarray:
     if len(items) == 0:
         have = ", ".join(sorted(set(fs.split.tolist())))
         raise HuseError(f"{fs.path} has no items in split {split!r}; it has: {have}")
+    if len(items) < 2:
+        raise HuseError(f"split {split!r} of {fs.path} has a single item; retrieval needs at least two")
     return items
 
 
