@@ -92,14 +92,15 @@ def iter_topk(
     one gallery index per query that is never returned (the query itself in in-modal retrieval;
     -1 for none). k is capped at the number of candidates (G, or G - 1 with `exclude`).
     Memory: O(query_chunk x (gallery_chunk + k)). Each gallery chunk is cut to its own top k by
-    torch.topk first, then merged with the running best.
+    torch.topk first, then merged with the running best. `progress`: label of a progress bar over
+    the query chunks (shown when the loop runs longer than 2 s), or None for none.
     """
     n_query, n_gallery = query.shape[0], gallery.shape[0]
     k = min(k, n_gallery - (1 if exclude is not None else 0))
     if k <= 0:
         raise ValueError(f"cannot retrieve from a gallery of {n_gallery} item(s)")
     starts = range(0, n_query, query_chunk)
-    for q0 in tqdm(starts, desc=progress, disable=progress is None or len(starts) <= 1, leave=False):
+    for q0 in tqdm(starts, desc=progress, disable=progress is None, leave=False, delay=2.0):
         q = query[q0:q0 + query_chunk]  # (q, D)
         ex = exclude[q0:q0 + query_chunk] if exclude is not None else None
         # Padding entries (-inf, index -1) sort before every real item, keeping index order.
@@ -144,7 +145,7 @@ def target_ranks(
     """
     ranks = torch.ones(query.shape[0], dtype=torch.long, device=query.device)
     starts = range(0, query.shape[0], query_chunk)
-    for q0 in tqdm(starts, desc=progress, disable=progress is None or len(starts) <= 1, leave=False):
+    for q0 in tqdm(starts, desc=progress, disable=progress is None, leave=False, delay=2.0):
         q = query[q0:q0 + query_chunk]  # (q, D)
         t = target[q0:q0 + query_chunk]  # (q,)
         ex = exclude[q0:q0 + query_chunk] if exclude is not None else None
