@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .errors import HuseError
 
@@ -15,8 +16,8 @@ GRAPH_PAIRS = ("all", "cross", "within")
 
 
 def cosine_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """u: (N, D), v: (M, D), rows L2-normalised -> (N, M) cosine distances 1 - u_n . v_m."""
-    return 1.0 - u @ v.T
+    """u: (N, D), v: (M, D), rows L2-normalised -> (N, M) cosine distances 1 - u_n . v_m (one GEMM)."""
+    return torch.addmm(u.new_ones(()), u, v.T, alpha=-1)
 
 
 def classification_loss(image_logits: torch.Tensor | None, text_logits: torch.Tensor | None,
@@ -33,18 +34,45 @@ def classification_loss(image_logits: torch.Tensor | None, text_logits: torch.Te
     return parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2
 
 
-def _margin_mask(target: torch.Tensor, dist: torch.Tensor, margin: float, margin_rule: str) -> torch.Tensor:
-    """sigma_mn of Eq. 10: "and" = A < zeta AND d < zeta (as printed), "or" = either below zeta."""
+def _distance_threshold(class_dist: torch.Tensor, margin: float, margin_rule: str) -> torch.Tensor:
+    """(C, C) t_ij such that sigma_mn (Eq. 10) = [d_mn < t_{y_m y_n}] for every finite d.
+
+    "and" (A < zeta AND d < zeta): t = zeta where A < zeta, else -inf (never kept).
+    "or"  (A < zeta OR d < zeta):  t = +inf where A < zeta (always kept), else zeta.
+    """
+    close = class_dist < margin
+    zeta = torch.full_like(class_dist, margin)
     if margin_rule == "and":
-        return (target < margin) & (dist < margin)
-    return (target < margin) | (dist < margin)
+        return torch.where(close, zeta, torch.full_like(class_dist, -torch.inf))
+    return torch.where(close, torch.full_like(class_dist, torch.inf), zeta)
 
 
-def _pair_sum(u: torch.Tensor, v: torch.Tensor, target: torch.Tensor, margin: float, margin_rule: str) -> torch.Tensor:
-    """Sum over the (N, M) pairs of rows of u and v of sigma * (d - A)^2; target: (N, M) A_{y_m y_n}."""
-    dist = cosine_distance(u, v)  # (N, M), one matmul
-    keep = _margin_mask(target, dist, margin, margin_rule)  # (N, M) bool, no gradient by nature
-    return torch.where(keep, dist - target, 0.0).square().sum()
+class _MaskedStress(torch.autograd.Function):
+    """sum_(n, m) sigma_nm * (d_nm - A_nm)^2 over the (N, M) pairs of rows of u and v, with
+    d = 1 - u v^T and sigma = [d < threshold]; the gradient is written out (d/du = -2 r v,
+    d/dv = -2 r^T u, r the kept residuals) so only r is kept for backward and nothing else of
+    size (N, M) is allocated. When u is v, one GEMM serves both factors: -2 (r + r^T) u."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, v: torch.Tensor, target: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        dist = cosine_distance(u, v)  # (N, M)
+        keep = dist < threshold  # (N, M) sigma
+        resid = dist.sub_(target).mul_(keep)  # (N, M) sigma * (d - A), in place in our own buffer
+        ctx.save_for_backward(u, v, resid)
+        ctx.symmetric = u is v
+        flat = resid.view(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        u, v, resid = ctx.saved_tensors
+        scale = -2 * grad
+        if ctx.symmetric:
+            return torch.mm(resid + resid.T, u) * scale, None, None, None
+        grad_u = torch.mm(resid, v) * scale if ctx.needs_input_grad[0] else None
+        grad_v = torch.mm(resid.T, u) * scale if ctx.needs_input_grad[1] else None
+        return grad_u, grad_v, None, None
 
 
 def graph_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, class_dist: torch.Tensor,
@@ -65,26 +93,31 @@ def graph_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Te
     * "cross":  image-text pairs only (B^2 pairs, each unordered pair counted once per order);
     * "within": image-image and text-text pairs (2 B^2 pairs).
 
-    Computed blockwise from (B, B) distance matrices (one matmul each) and a (B, B) gather from A;
-    the image-text block is symmetric to the text-image one, so it is computed once and counted twice.
+    Computed blockwise from (B, B) distance matrices (one GEMM each) and (B, B) gathers from A;
+    the text-image block mirrors the image-text one, so it is computed once and counted twice.
+    Always evaluated in the embeddings' dtype, also under autocast.
     """
     if margin_rule not in MARGIN_RULES:
         raise HuseError(f"unknown margin rule {margin_rule!r}; choose one of {', '.join(MARGIN_RULES)}")
     if pairs not in GRAPH_PAIRS:
         raise HuseError(f"unknown graph pair pool {pairs!r}; choose one of {', '.join(GRAPH_PAIRS)}")
     batch = labels.shape[0]
-    target = class_dist.to(image_emb.dtype)[labels][:, labels]  # (B, B) A_{y_m y_n}
-    cross = within = image_emb.new_zeros(())
-    if pairs in ("all", "cross"):
-        cross = _pair_sum(image_emb, text_emb, target, margin, margin_rule)
-    if pairs in ("all", "within"):
-        within = (_pair_sum(image_emb, image_emb, target, margin, margin_rule)
-                  + _pair_sum(text_emb, text_emb, target, margin, margin_rule))
-    if pairs == "cross":
-        return cross / batch**2
-    if pairs == "within":
-        return within / (2 * batch**2)
-    return (within + 2 * cross) / (4 * batch**2)
+    with torch.autocast(device_type=image_emb.device.type, enabled=False):
+        class_dist = class_dist.to(image_emb.dtype)
+        threshold_c = _distance_threshold(class_dist, margin, margin_rule)  # (C, C)
+        target = class_dist.index_select(0, labels).index_select(1, labels)  # (B, B) A_{y_m y_n}
+        threshold = threshold_c.index_select(0, labels).index_select(1, labels)  # (B, B)
+        cross = within = image_emb.new_zeros(())
+        if pairs in ("all", "cross"):
+            cross = _MaskedStress.apply(image_emb, text_emb, target, threshold)
+        if pairs in ("all", "within"):
+            within = (_MaskedStress.apply(image_emb, image_emb, target, threshold)
+                      + _MaskedStress.apply(text_emb, text_emb, target, threshold))
+        if pairs == "cross":
+            return cross / batch**2
+        if pairs == "within":
+            return within / (2 * batch**2)
+        return (within + 2 * cross) / (4 * batch**2)
 
 
 def gap_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

@@ -359,3 +359,12 @@ def test_graph_loss_never_materialises_pairs_times_dim(pairs):
     assert largest_intermediate(pairwise_graph_loss, b, d) >= (2 * b) ** 2 * d
     # and the pairwise formulation is a correct reference for the "all" pool
     assert matches_reference_graph(pairwise_graph_loss, torch.float64, 0.8, "or", "all")
+
+
+def test_graph_loss_stays_float32_under_autocast():
+    image, text, labels, class_dist = make_batch(torch.float32)
+    plain = graph_loss(image, text, labels, class_dist, 0.8, "or", "all")
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert torch.addmm(image.new_ones(()), image, text.T).dtype == torch.bfloat16  # autocast is on
+        auto = graph_loss(image, text, labels, class_dist, 0.8, "or", "all")
+    assert auto.dtype == torch.float32 and auto.item() == plain.item()
