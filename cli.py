@@ -188,6 +188,8 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
     if resume:
         if out is None:
             raise click.UsageError("--resume needs --out, the run folder to continue")
+        if ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
+            raise click.UsageError("--preset cannot change a run being resumed; give only the options to change")
         saved_features, cfg = resume_config(out, given)
         if ctx.get_parameter_source("features") is ParameterSource.DEFAULT:
             features = saved_features

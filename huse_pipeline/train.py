@@ -346,6 +346,7 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
             if run.best.is_file():
                 best_state = {k: v.to(device) for k, v in load_checkpoint(run.best)["model_state"].items()}
             run.rewrite_metrics(history)
+            run.record_resume(cfg)
             log.info("resuming %s at epoch %d, step %d (best %s %.4f at epoch %d)", run.dir, epoch, step, key,
                      sign * best_value, best_epoch)
         elif run is not None:
@@ -365,34 +366,7 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
         try:
             while epoch < n_epochs and step < total_steps and not stop:
                 epoch += 1
-                model.train()
-                perm = data.train_idx[torch.randperm(n_train, generator=gen, device=device)]  # (Ntr,)
-                choice = (None if data.view_emb is None else
-                          torch.randint(0, data.view_emb.shape[1] + 1, (n_train,), generator=gen, device=device))
-                sums = None
-                seen = 0
-                for start in range(0, n_train, cfg.batch_size):
-                    if step >= total_steps:
-                        break
-                    idx = perm[start:start + cfg.batch_size]
-                    for group in optimizer.param_groups:
-                        group["lr"] = cfg.lr * _lr_factor(cfg, step, total_steps)
-                    out = _forward(model, data, cfg, idx,
-                                   None if choice is None else choice[start:start + cfg.batch_size], amp)
-                    loss, parts = _loss(out, data.labels[idx], data, cfg)
-                    if not torch.isfinite(loss):
-                        raise _non_finite(loss, parts, epoch, step + 1, run)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
-                    seen += len(idx)
-                    batch = torch.stack([loss.detach(), *(p.detach() for p in parts.values())]) * len(idx)
-                    sums = batch if sums is None else sums + batch
-                    bar.update(1)
-                names = ["train/loss", *(f"train/{k}" for k in parts)]
-                row: dict[str, Any] = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                                       **{k: v / seen for k, v in zip(names, sums.tolist())}}
+                row, step = _train_epoch(model, optimizer, data, cfg, gen, epoch, step, total_steps, amp, bar, run)
                 last = epoch >= n_epochs or step >= total_steps
                 evaluated = epoch % cfg.eval_every == 0 or last
                 improved = False
@@ -423,6 +397,41 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
             run.maybe_plot(history, key, best_epoch, force=True)
         model.load_state_dict(best_state)
     return model.eval(), history
+
+
+def _train_epoch(model: HuseModel, optimizer: torch.optim.Optimizer, data: _DeviceData, cfg: TrainConfig,
+                 gen: torch.Generator, epoch: int, step: int, total_steps: int, amp: bool, bar: tqdm,
+                 run: "_Run | None") -> tuple[dict[str, Any], int]:
+    """One pass over the train split in a fresh random order (and a fresh view per item), stopping
+    early at `total_steps`. Returns the epoch's row (batch-size-weighted mean losses) and the step."""
+    model.train()
+    n_train = len(data.train_idx)
+    perm = data.train_idx[torch.randperm(n_train, generator=gen, device=gen.device)]  # (Ntr,) item indices
+    choice = (None if data.view_emb is None else  # (Ntr,) 0 = deterministic view, k = augmented view k
+              torch.randint(0, data.view_emb.shape[1] + 1, (n_train,), generator=gen, device=gen.device))
+    sums, seen = None, 0
+    for start in range(0, n_train, cfg.batch_size):
+        if step >= total_steps:
+            break
+        idx = perm[start:start + cfg.batch_size]
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(cfg, step, total_steps)
+        out = _forward(model, data, cfg, idx, None if choice is None else choice[start:start + cfg.batch_size], amp)
+        loss, parts = _loss(out, data.labels[idx], data, cfg)
+        if not torch.isfinite(loss):
+            raise _non_finite(loss, parts, epoch, step + 1, run)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        seen += len(idx)
+        batch = torch.stack([loss.detach(), *(p.detach() for p in parts.values())]) * len(idx)  # (1 + parts,)
+        sums = batch if sums is None else sums + batch
+        bar.update(1)
+    names = ["train/loss", *(f"train/{k}" for k in parts)]
+    row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+           **{k: v / seen for k, v in zip(names, sums.tolist())}}
+    return row, step
 
 
 def _non_finite(loss: torch.Tensor, parts: dict[str, torch.Tensor], epoch: int, step: int, run: "_Run | None") -> HuseError:
@@ -469,6 +478,14 @@ class _Run:
         with atomic_path(self.config) as tmp:
             tmp.write_text(json.dumps(config, indent=2) + "\n")
         self.rewrite_metrics([])
+
+    def record_resume(self, cfg: TrainConfig) -> None:
+        """Keep config.json's "train" section equal to the configuration that is running now."""
+        config = json.loads(self.config.read_text())
+        config["train"] = asdict(cfg)
+        config.setdefault("resumed", []).append(datetime.now().isoformat(timespec="seconds"))
+        with atomic_path(self.config) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         with atomic_path(self.metrics) as tmp:

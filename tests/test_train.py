@@ -283,7 +283,8 @@ def test_cli_train_writes_the_run_folder_and_resumes(feats, tmp_path, monkeypatc
     result = runner.invoke(cli.main, ["train", "--resume", "--out", str(runs[0]), "--epochs", "3"])
     assert result.exit_code == 0, result.output
     assert len((runs[0] / "metrics.jsonl").read_text().splitlines()) == 3
-    assert json.loads((runs[0] / "config.json").read_text())["train"]["embed_dim"] == 16
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert config["train"]["embed_dim"] == 16 and config["train"]["epochs"] == 3 and len(config["resumed"]) == 1
     result = runner.invoke(cli.main, ["train", "--resume", "--out", str(runs[0]), "--lr", "0.5"])
     assert result.exit_code == 1 and "cannot change lr" in result.output and "Traceback" not in result.output
 
