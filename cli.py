@@ -126,7 +126,7 @@ PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
               help="Run folder. Default: a new folder cache/runs/<YYYYmmdd-HHMMSS>.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
 @click.option("--preset", type=click.Choice(["default", "paper"]), default="default",
-              help="Optimiser preset. default: AdamW lr 1e-3, wd 1e-4, batch 512, 30 epochs, cosine schedule. "
+              help="Optimiser preset. default: AdamW lr 3e-3, wd 1e-4, batch 512, 30 epochs, cosine schedule. "
                    "paper (§4.1.3): RMSProp lr 1.6192e-5, momentum 0.9, batch 1024, constant lr, 100 epochs "
                    "(the paper ran --steps 250000). The options below override it.")
 @click.option("--modality", type=click.Choice(["both", "image", "text"]), default="both",
@@ -134,7 +134,7 @@ PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
 @click.option("--optimizer", type=click.Choice(["adamw", "rmsprop", "sgd"]), default=None,
               help=PRESET_HELP.format(default="adamw", paper="rmsprop"))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=PRESET_HELP.format(default="1e-3", paper="1.6192e-5"))
+              help=PRESET_HELP.format(default="3e-3", paper="1.6192e-5"))
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
               help=PRESET_HELP.format(default="1e-4", paper="0"))
 @click.option("--momentum", type=click.FloatRange(min=0), default=None,

@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--image-dim", type=int, default=1280, help="EfficientNet-Lite0 features")
     ap.add_argument("--text-dim", type=int, default=384, help="MiniLM features")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--pairwise-repeats", type=int, default=3, help="the pairwise version takes seconds per call")
+    ap.add_argument("--pairwise-repeats", type=int, default=5, help="the pairwise version takes seconds per call")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-pairwise", action="store_true")

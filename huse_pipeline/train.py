@@ -43,7 +43,7 @@ RUNS_ROOT = Path("cache/runs")
 # given; the paper ran 250,000 steps: --steps 250000). "default": AdamW with a cosine schedule that
 # converges in a few CPU minutes on ~10k items.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-4, momentum=0.9, batch_size=512, epochs=30,
+    "default": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4, momentum=0.9, batch_size=512, epochs=30,
                     steps=None, schedule="cosine"),
     "paper": dict(optimizer="rmsprop", lr=1.6192e-5, weight_decay=0.0, momentum=0.9, batch_size=1024, epochs=100,
                   steps=None, schedule="constant"),
@@ -58,7 +58,7 @@ class TrainConfig:
     preset: str = "default"  # which preset the optimiser fields came from (for the record)
     # optimiser (defaults = the "default" preset)
     optimizer: str = "adamw"  # adamw | rmsprop | sgd
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # rmsprop and sgd
     batch_size: int = 512
