@@ -16,7 +16,7 @@ import cli
 from huse_pipeline import features, train
 from huse_pipeline.errors import HuseError
 from huse_pipeline.graph import GraphConfig, build_graph
-from huse_pipeline.model import load_checkpoint, model_from_checkpoint
+from huse_pipeline.model import HuseModel, load_checkpoint, model_from_checkpoint
 from huse_pipeline.train import PRESETS, TrainConfig, fit, make_config
 
 CLASSES = [f"{top}<{leaf}" for top in ("bags", "shoes", "tops") for leaf in ("blue", "red")]  # 6 classes, depth 2
@@ -300,3 +300,23 @@ def test_cli_train_clean_errors(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "huse build-graph" in result.output
     result = runner.invoke(cli.main, ["train", "--resume"])
     assert result.exit_code == 2 and "--resume needs --out" in result.output
+
+
+def test_bf16_autocast_path_keeps_losses_float32(feats):
+    """The CUDA path runs the towers under bf16 autocast; exercise the same code with CPU autocast."""
+    fs = features.read_features(feats, views=True)
+    cfg = small()
+    data = train._to_device(fs, cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = HuseModel(cfg.model_config(24, 12, len(CLASSES)))
+    idx = data.train_idx[:32]
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert model.classify(model.embed_image(data.image[idx])).dtype == torch.bfloat16  # autocast really acts
+    out = train._forward(model, data, cfg, idx, torch.ones(32, dtype=torch.long), amp=True)
+    assert all(v.dtype == torch.float32 for v in out.values())
+    loss, parts = train._loss(out, data.labels[idx], data, cfg)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and all(p.dtype == torch.float32 for p in parts.values())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.image_tower.parameters())
+    metrics = train.validate(model, data, cfg, amp=True)
+    assert 0 <= metrics["val/acc/fused"] <= 1
