@@ -116,6 +116,96 @@ def build_graph_cmd(**options) -> None:
 
 # -------------------------------------------------------------------------------- stage two
 
+PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
+
+
+@main.command("train")
+@click.option("--features", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES,
+              help="Feature file with a semantic graph (huse build-graph). With --resume: the run's own file.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder. Default: a new folder cache/runs/<YYYYmmdd-HHMMSS>.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default="default",
+              help="Optimiser preset. default: AdamW lr 3e-3, wd 1e-4, batch 512, 30 epochs, cosine schedule. "
+                   "paper (§4.1.3): RMSProp lr 1.6192e-5, momentum 0.9, batch 1024, constant lr, 100 epochs "
+                   "(the paper ran --steps 250000). The options below override it.")
+@click.option("--modality", type=click.Choice(["both", "image", "text"]), default="both",
+              help="both: HUSE. image/text: the paper's 'separate models' baseline (one tower, classification loss only).")
+@click.option("--optimizer", type=click.Choice(["adamw", "rmsprop", "sgd"]), default=None,
+              help=PRESET_HELP.format(default="adamw", paper="rmsprop"))
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=PRESET_HELP.format(default="3e-3", paper="1.6192e-5"))
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help=PRESET_HELP.format(default="1e-4", paper="0"))
+@click.option("--momentum", type=click.FloatRange(min=0), default=None,
+              help="RMSProp/SGD momentum. " + PRESET_HELP.format(default="0.9", paper="0.9"))
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=PRESET_HELP.format(default=512, paper=1024))
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help=PRESET_HELP.format(default=30, paper=100))
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Total optimiser steps; overrides --epochs (the paper: 250000).")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default=None,
+              help="Learning-rate schedule over the run. " + PRESET_HELP.format(default="cosine", paper="constant"))
+@click.option("--alpha", type=click.FloatRange(min=0), default=1.0, help="Weight of the classification loss.")
+@click.option("--beta", type=click.FloatRange(min=0), default=1.0, help="Weight of the semantic-graph loss.")
+@click.option("--gamma", type=click.FloatRange(min=0), default=0.1, help="Weight of the cross-modal gap loss.")
+@click.option("--zeta", type=float, default=0.5, help="Margin of the graph loss, on cosine distances.")
+@click.option("--margin-rule", type=click.Choice(["and", "or"]), default="and",
+              help="Graph-loss pairs: and = A < zeta AND d < zeta (Eq. 10 as printed); or = either.")
+@click.option("--graph-pairs", type=click.Choice(["all", "cross", "within"]), default="cross",
+              help="Graph-loss pair pool: cross = image-text pairs; within = image-image and text-text; all = both.")
+@click.option("--input-norm", type=click.Choice(["standardize", "none"]), default="standardize",
+              help="Standardise tower inputs with the train split's feature mean/std.")
+@click.option("--views/--no-views", "use_views", default=True,
+              help="Draw a random image view per item per epoch (deterministic or augmented) when the file has views.")
+@click.option("--embed-dim", type=click.IntRange(min=1), default=512, help="D, the universal space.")
+@click.option("--hidden-dim", type=click.IntRange(min=1), default=512, help="Width of the hidden layers.")
+@click.option("--image-layers", type=click.IntRange(min=0), default=5, help="Hidden layers of the image tower.")
+@click.option("--text-layers", type=click.IntRange(min=0), default=2, help="Hidden layers of the text tower.")
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.15)
+@click.option("--relu-before-norm/--no-relu-before-norm", default=False, help="ReLU before the L2 normalisation.")
+@click.option("--select", type=click.Choice(["val/acc/mean", "val/acc/fused", "val/acc/image", "val/acc/text",
+              "val/loss"]), default="val/acc/mean",
+              help="Validation metric that picks best.pt (val/acc/mean: mean of image and text accuracy).")
+@click.option("--patience", type=click.IntRange(min=0), default=0,
+              help="Stop after this many evaluations without improvement (0: never).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=1, help="Validate and checkpoint every N epochs.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", type=DEVICES, default="auto", help="auto picks CUDA when present.")
+@click.option("--amp/--no-amp", default=True, help="bf16 autocast of the towers on CUDA (losses in float32).")
+@click.pass_context
+def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, preset: str, **options) -> None:
+    """Stage two: train the HUSE towers and shared classifier on a feature file into a run folder.
+
+    Loss = alpha*L_class + beta*L_graph + gamma*L_gap (paper Eq. 5). An interrupted run continues
+    with `huse train --resume --out RUN`.
+    """
+    from click.core import ParameterSource
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from huse_pipeline.train import make_config, new_run_dir, resume_config, train
+
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if resume:
+        if out is None:
+            raise click.UsageError("--resume needs --out, the run folder to continue")
+        if ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
+            raise click.UsageError("--preset cannot change a run being resumed; give only the options to change")
+        saved_features, cfg = resume_config(out, given)
+        if ctx.get_parameter_source("features") is ParameterSource.DEFAULT:
+            features = saved_features
+    else:
+        cfg = make_config(preset, **given)
+    out = out or str(new_run_dir())
+    try:
+        with logging_redirect_tqdm():
+            summary = train(features, cfg, out, resume=resume, progress=True)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: continue with `huse train --resume --out {out}`", err=True)
+        sys.exit(130)
+    best = " ".join(f"{k[4:]} {v:.4f}" for k, v in summary["best"].items() if k.startswith("val/acc/"))
+    click.echo(f"run: {summary['run']}\nbest epoch {summary['best_epoch']} of {summary['epochs']} "
+               f"(by {summary['select']}): {best}")
+
 
 # -------------------------------------------------------------------------------- evaluation
 

@@ -1,0 +1,573 @@
+"""Stage two (paper §3.2, §3.4, §4.1.3): train the towers and the shared classifier on the cached
+frozen features with L = alpha*L_class + beta*L_graph + gamma*L_gap. All features live on the device;
+random batches are drawn there. Validation every epoch, best/last checkpoints, resumable and
+bit-reproducible on CPU. `fit` trains in memory; `train` adds the run folder (see contracts.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import HuseError
+from .features import FeatureSet, read_features
+from .losses import GRAPH_PAIRS, MARGIN_RULES, classification_loss, huse_loss
+from .model import HuseModel, ModelConfig, check_compatible, feature_meta, load_checkpoint, save_checkpoint
+from .utils import atomic_path, resolve_device
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("both", "image", "text")
+OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+SCHEDULES = ("cosine", "constant")
+INPUT_NORMS = ("standardize", "none")
+# selection metric -> direction (+1: higher is better)
+SELECT_METRICS = {"val/acc/mean": 1, "val/acc/fused": 1, "val/acc/image": 1, "val/acc/text": 1, "val/loss": -1}
+# what --resume may change; everything else must match the interrupted run
+RESUME_MAY_CHANGE = ("epochs", "steps", "patience", "eval_every", "device", "amp")
+RUNS_ROOT = Path("cache/runs")
+
+# Optimiser presets. "paper": §4.1.3 (RMSProp, lr 1.6192e-5, momentum 0.9, batch 1024, no schedule
+# given; the paper ran 250,000 steps: --steps 250000). "default": AdamW with a cosine schedule that
+# converges in a few CPU minutes on ~10k items.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4, momentum=0.9, batch_size=512, epochs=30,
+                    steps=None, schedule="cosine"),
+    "paper": dict(optimizer="rmsprop", lr=1.6192e-5, weight_decay=0.0, momentum=0.9, batch_size=1024, epochs=100,
+                  steps=None, schedule="constant"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything stage two needs besides the feature file; `asdict` goes into every artefact."""
+
+    modality: str = "both"  # both | image | text (one tower + its classifier, classification loss only)
+    preset: str = "default"  # which preset the optimiser fields came from (for the record)
+    # optimiser (defaults = the "default" preset)
+    optimizer: str = "adamw"  # adamw | rmsprop | sgd
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # rmsprop and sgd
+    batch_size: int = 512
+    epochs: int = 30
+    steps: int | None = None  # total optimiser steps; when set it overrides epochs (last epoch may be partial)
+    schedule: str = "cosine"  # cosine (to zero over the run) | constant
+    # loss (Eq. 5); provisional values, to be chosen on the validation split
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.1
+    zeta: float = 0.5  # margin of the graph loss, on cosine distances
+    margin_rule: str = "and"  # and (Eq. 10 as printed) | or
+    graph_pairs: str = "cross"  # all | cross | within (see losses.graph_loss)
+    # model (ModelConfig, paper §4.1.3)
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    image_layers: int = 5
+    text_layers: int = 2
+    dropout: float = 0.15
+    relu_before_norm: bool = False
+    input_norm: str = "standardize"  # standardize (train-split mean/std) | none
+    use_views: bool = True  # draw a fresh image view per item per epoch when the file has augmented views
+    # selection, stopping, runtime
+    select: str = "val/acc/mean"  # single-modality runs always select on their own accuracy
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    eval_every: int = 1  # validate (and write checkpoints) every this many epochs
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    amp: bool = True  # bf16 autocast of the towers on CUDA (losses stay float32); ignored on CPU
+
+    def __post_init__(self) -> None:
+        choices = {"modality": MODALITIES, "preset": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+                   "margin_rule": MARGIN_RULES, "graph_pairs": GRAPH_PAIRS, "input_norm": INPUT_NORMS,
+                   "select": tuple(SELECT_METRICS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise HuseError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        positive = ("lr", "batch_size", "epochs", "embed_dim", "hidden_dim", "eval_every")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise HuseError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise HuseError(f"steps must be positive, got {self.steps}")
+        if min(self.alpha, self.beta, self.gamma, self.weight_decay, self.patience, self.image_layers,
+               self.text_layers) < 0 or not 0 <= self.dropout < 1:
+            raise HuseError("alpha, beta, gamma, weight_decay, patience and layer counts must be >= 0 and dropout in [0, 1)")
+
+    def model_config(self, image_dim: int, text_dim: int, num_classes: int) -> ModelConfig:
+        return ModelConfig(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, embed_dim=self.embed_dim,
+                           hidden_dim=self.hidden_dim, image_layers=self.image_layers, text_layers=self.text_layers,
+                           dropout=self.dropout, relu_before_norm=self.relu_before_norm)
+
+    @property
+    def select_key(self) -> str:
+        """The validation metric that picks the best epoch."""
+        if self.modality != "both" and self.select != "val/loss":
+            return f"val/acc/{self.modality}"
+        return self.select
+
+
+def make_config(preset: str = "default", **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a preset, then the individual `overrides` (None means "keep")."""
+    if preset not in PRESETS:
+        raise HuseError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise HuseError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
+    return TrainConfig(**values)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class _DeviceData:
+    """The feature file's arrays on the training device."""
+
+    image: torch.Tensor  # (N, Di) float32, deterministic view
+    text: torch.Tensor  # (N, Dt) float32
+    labels: torch.Tensor  # (N,) int64
+    train_idx: torch.Tensor  # (Ntr,) int64
+    val_idx: torch.Tensor  # (Nva,) int64
+    class_dist: torch.Tensor | None  # (C, C) float32
+    view_emb: torch.Tensor | None  # (M, K, Di) float32 augmented views of train items
+    view_row: torch.Tensor | None  # (N,) int64 row of view_emb per item, -1 if none
+
+    def image_batch(self, idx: torch.Tensor, choice: torch.Tensor | None) -> torch.Tensor:
+        """(b,) item indices and (b,) view choices (0 = deterministic view, k = augmented view k)
+        -> (b, Di) image features."""
+        feats = self.image[idx]  # (b, Di)
+        if self.view_emb is None or choice is None:
+            return feats
+        row = self.view_row[idx]  # (b,)
+        use = (choice > 0) & (row >= 0)
+        augmented = self.view_emb[row.clamp_min(0), (choice - 1).clamp_min(0)]  # (b, Di)
+        return torch.where(use[:, None], augmented, feats)
+
+
+def _to_device(fs: FeatureSet, cfg: TrainConfig, device: torch.device) -> _DeviceData:
+    train_idx, val_idx = fs.indices("train"), fs.indices("val")
+    if len(train_idx) == 0:
+        raise HuseError(f"{fs.path} has no train items; stage two needs a train split")
+    if len(val_idx) == 0:
+        raise HuseError(f"{fs.path} has no val items; stage two selects the best epoch on the val split")
+    for name, arr in (("image", fs.image_emb), ("text", fs.text_emb)):
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            raise HuseError(f"{fs.path} holds {bad} non-finite {name} feature values; re-run `huse extract-features`")
+    if fs.class_dist is None and cfg.modality == "both" and cfg.beta > 0:
+        raise HuseError(f"{fs.path} has no semantic graph: run `huse build-graph --features {fs.path}` first")
+    view_emb = view_row = None
+    if cfg.use_views and fs.view_emb is not None and fs.view_emb.shape[1] > 0:
+        view_emb = torch.as_tensor(fs.view_emb, dtype=torch.float32, device=device)
+        row = np.full(len(fs.labels), -1, dtype=np.int64)
+        row[fs.view_item] = np.arange(len(fs.view_item))
+        view_row = torch.as_tensor(row, device=device)
+    as_long = dict(dtype=torch.int64, device=device)
+    return _DeviceData(
+        image=torch.as_tensor(fs.image_emb, dtype=torch.float32, device=device),
+        text=torch.as_tensor(fs.text_emb, dtype=torch.float32, device=device),
+        labels=torch.as_tensor(fs.labels, **as_long),
+        train_idx=torch.as_tensor(train_idx, **as_long),
+        val_idx=torch.as_tensor(val_idx, **as_long),
+        class_dist=None if fs.class_dist is None else torch.as_tensor(fs.class_dist, dtype=torch.float32, device=device),
+        view_emb=view_emb,
+        view_row=view_row,
+    )
+
+
+def features_digest(fs: FeatureSet) -> str:
+    """A content hash of the items (features, labels, splits) so --resume refuses another file."""
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (fs.image_emb, fs.text_emb, fs.labels):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(map(str, fs.split)).encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning-rate multiplier at `step` (a function of the step alone, so resuming restores it)."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return 1.0
+
+
+def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _trained_params(model: HuseModel, modality: str) -> list[torch.nn.Parameter]:
+    towers = {"both": [model.image_tower, model.text_tower], "image": [model.image_tower], "text": [model.text_tower]}
+    return [p for m in [*towers[modality], model.classifier] for p in m.parameters()]
+
+
+def _forward(model: HuseModel, data: _DeviceData, cfg: TrainConfig, idx: torch.Tensor,
+             choice: torch.Tensor | None, amp: bool) -> dict[str, torch.Tensor | None]:
+    """Embeddings (b, D) and logits (b, C) of the modalities `cfg` trains, in float32 (None for an
+    untrained modality); the towers run under bf16 autocast when `amp`."""
+    with torch.autocast(device_type=data.image.device.type, dtype=torch.bfloat16, enabled=amp):
+        image_emb = model.embed_image(data.image_batch(idx, choice)) if cfg.modality != "text" else None
+        text_emb = model.embed_text(data.text[idx]) if cfg.modality != "image" else None
+        out = {"image_emb": image_emb, "text_emb": text_emb,
+               "image_logits": None if image_emb is None else model.classify(image_emb),
+               "text_logits": None if text_emb is None else model.classify(text_emb)}
+    return {k: None if v is None else v.float() for k, v in out.items()}
+
+
+def _loss(out: dict[str, torch.Tensor | None], labels: torch.Tensor, data: _DeviceData,
+          cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total loss and its parts (float32) for one batch's `_forward` output."""
+    if cfg.modality != "both":  # the "separate models" baseline: classification loss only
+        loss = classification_loss(out["image_logits"], out["text_logits"], labels)
+        return loss, {"class": loss}
+    return huse_loss(out["image_emb"], out["text_emb"], out["image_logits"], out["text_logits"], labels,
+                     data.class_dist, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, margin=cfg.zeta,
+                     margin_rule=cfg.margin_rule, pairs=cfg.graph_pairs)
+
+
+@torch.no_grad()
+def validate(model: HuseModel, data: _DeviceData, cfg: TrainConfig, amp: bool = False) -> dict[str, float]:
+    """Val-split metrics: accuracy of the image, text and fused (argmax of the mean of the two
+    softmaxes) predictions, `val/acc/mean` (mean of image and text accuracy), and the loss and its
+    parts (over batches of cfg.batch_size, deterministic image view, dropout off)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    correct: dict[str, int] = {}
+    for start in range(0, len(data.val_idx), cfg.batch_size):
+        idx = data.val_idx[start:start + cfg.batch_size]
+        labels = data.labels[idx]
+        out = _forward(model, data, cfg, idx, None, amp)
+        loss, parts = _loss(out, labels, data, cfg)
+        for k, v in {"loss": loss, **parts}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+        probs = {m: out[f"{m}_logits"].softmax(-1) for m in ("image", "text") if out[f"{m}_logits"] is not None}
+        if len(probs) == 2:
+            probs["fused"] = (probs["image"] + probs["text"]) / 2
+        for k, p in probs.items():
+            correct[k] = correct.get(k, 0) + int((p.argmax(-1) == labels).sum())
+    n = len(data.val_idx)
+    metrics = {f"val/{k}": v / n for k, v in sums.items()}
+    metrics.update({f"val/acc/{k}": c / n for k, c in correct.items()})
+    metrics["val/acc/mean"] = float(np.mean([metrics[f"val/acc/{m}"] for m in ("image", "text") if m in correct]))
+    return metrics
+
+
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state(), "data": gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    gen.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _check_resumable(ckpt: dict[str, Any], fs: FeatureSet, cfg: TrainConfig) -> None:
+    check_compatible(ckpt, fs.attrs, fs.class_names, str(fs.path))
+    if ckpt.get("features_digest") != features_digest(fs):
+        raise HuseError(f"{fs.path} holds different items or features than the run being resumed was trained on; "
+                        "resume with the original feature file or start a new run")
+    saved = ckpt["train_config"]
+    changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in asdict(cfg).items()
+               if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+    if changed:
+        raise HuseError(f"--resume cannot change {', '.join(changed)}; only {', '.join(RESUME_MAY_CHANGE)} may "
+                        "change. Start a new run (another --out) instead.")
+
+
+def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
+        progress: bool = False) -> tuple[HuseModel, list[dict[str, Any]]]:
+    """Train on `fs` and return the best model (by `cfg.select_key` on the val split, in eval mode)
+    and the per-epoch history (one flat dict per epoch, as in metrics.jsonl).
+
+    run_dir None: nothing is written. Otherwise the run folder gets config.json, metrics.jsonl,
+    best.pt, last.pt and curves.png; `resume` continues from run_dir/last.pt.
+    """
+    run = _Run(Path(run_dir)) if run_dir is not None else None
+    if resume and run is None:
+        raise HuseError("resuming needs the run folder (--out) of the interrupted run")
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    data = _to_device(fs, cfg, device)
+    mcfg = cfg.model_config(fs.image_emb.shape[1], fs.text_emb.shape[1], fs.num_classes)
+    n_train = len(data.train_idx)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    key, sign = cfg.select_key, SELECT_METRICS.get(cfg.select_key, 1)
+    meta = feature_meta(fs.attrs)
+    digest = features_digest(fs)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the caller's RNG alone
+        torch.manual_seed(cfg.seed)
+        model = HuseModel(mcfg).to(device)
+        if cfg.input_norm == "standardize":
+            for tower, feats in ((model.image_tower, data.image), (model.text_tower, data.text)):
+                x = feats[data.train_idx].double()
+                tower.set_input_stats(x.mean(0).float(), x.std(0).float())
+        optimizer = _make_optimizer(cfg, _trained_params(model, cfg.modality))
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        epoch, step, history = 0, 0, []
+        best_value, best_epoch, bad_evals = -math.inf, 0, 0
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        if resume:
+            ckpt = load_checkpoint(run.last)
+            _check_resumable(ckpt, fs, cfg)
+            model.load_state_dict(ckpt["model_state"])
+            optimizer.load_state_dict(ckpt["optimizer_state"])
+            _set_rng_state(ckpt["rng_state"], gen, device)
+            epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
+            best_value, best_epoch, bad_evals = ckpt["best_value"], ckpt["best_epoch"], ckpt["bad_evals"]
+            if run.best.is_file():
+                best_state = {k: v.to(device) for k, v in load_checkpoint(run.best)["model_state"].items()}
+            run.rewrite_metrics(history)
+            run.record_resume(cfg)
+            log.info("resuming %s at epoch %d, step %d (best %s %.4f at epoch %d)", run.dir, epoch, step, key,
+                     sign * best_value, best_epoch)
+        elif run is not None:
+            run.start(cfg, mcfg, fs, device, key)
+
+        def save(path: Path, metrics: dict[str, Any], full: bool) -> None:
+            extra: dict[str, Any] = dict(train_config=asdict(cfg), epoch=epoch, step=step, metrics=metrics,
+                                         features_digest=digest)
+            if full:
+                extra.update(optimizer_state=optimizer.state_dict(), rng_state=_rng_state(gen, device),
+                             history=history, best_value=best_value, best_epoch=best_epoch, bad_evals=bad_evals)
+            save_checkpoint(path, model, fs.class_names, meta, **extra)
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress, leave=False)
+        t0 = time.perf_counter() - (history[-1]["time_s"] if history else 0.0)
+        stop = patience_reached = cfg.patience > 0 and bad_evals >= cfg.patience
+        try:
+            while epoch < n_epochs and step < total_steps and not stop:
+                epoch += 1
+                row, step = _train_epoch(model, optimizer, data, cfg, gen, epoch, step, total_steps, amp, bar, run)
+                last = epoch >= n_epochs or step >= total_steps
+                evaluated = epoch % cfg.eval_every == 0 or last
+                improved = False
+                if evaluated:
+                    row.update(validate(model, data, cfg, amp))
+                    value = sign * row[key]
+                    improved = value > best_value
+                    if improved:
+                        best_value, best_epoch, bad_evals = value, epoch, 0
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    else:
+                        bad_evals += 1
+                    stop = patience_reached = cfg.patience > 0 and bad_evals >= cfg.patience
+                row["time_s"] = time.perf_counter() - t0
+                history.append(row)
+                log.info(_epoch_line(row, n_epochs, key, improved))
+                if run is not None and evaluated:
+                    if improved:
+                        save(run.best, {k: v for k, v in row.items() if k.startswith("val/")}, full=False)
+                    save(run.last, {k: v for k, v in row.items() if k.startswith("val/")}, full=True)
+                    run.append_metrics(history)
+                    run.maybe_plot(history, key, best_epoch)
+        finally:
+            bar.close()
+        if patience_reached:
+            log.info("early stop: %s did not improve for %d evaluations", key, cfg.patience)
+        if run is not None and history:
+            run.maybe_plot(history, key, best_epoch, force=True)
+        model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+def _train_epoch(model: HuseModel, optimizer: torch.optim.Optimizer, data: _DeviceData, cfg: TrainConfig,
+                 gen: torch.Generator, epoch: int, step: int, total_steps: int, amp: bool, bar: tqdm,
+                 run: "_Run | None") -> tuple[dict[str, Any], int]:
+    """One pass over the train split in a fresh random order (and a fresh view per item), stopping
+    early at `total_steps`. Returns the epoch's row (batch-size-weighted mean losses) and the step."""
+    model.train()
+    n_train = len(data.train_idx)
+    perm = data.train_idx[torch.randperm(n_train, generator=gen, device=gen.device)]  # (Ntr,) item indices
+    choice = (None if data.view_emb is None else  # (Ntr,) 0 = deterministic view, k = augmented view k
+              torch.randint(0, data.view_emb.shape[1] + 1, (n_train,), generator=gen, device=gen.device))
+    sums, seen = None, 0
+    for start in range(0, n_train, cfg.batch_size):
+        if step >= total_steps:
+            break
+        idx = perm[start:start + cfg.batch_size]
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(cfg, step, total_steps)
+        out = _forward(model, data, cfg, idx, None if choice is None else choice[start:start + cfg.batch_size], amp)
+        loss, parts = _loss(out, data.labels[idx], data, cfg)
+        if not torch.isfinite(loss):
+            raise _non_finite(loss, parts, epoch, step + 1, run)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        seen += len(idx)
+        batch = torch.stack([loss.detach(), *(p.detach() for p in parts.values())]) * len(idx)  # (1 + parts,)
+        sums = batch if sums is None else sums + batch
+        bar.update(1)
+    names = ["train/loss", *(f"train/{k}" for k in parts)]
+    row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
+           **{k: v / seen for k, v in zip(names, sums.tolist())}}
+    return row, step
+
+
+def _non_finite(loss: torch.Tensor, parts: dict[str, torch.Tensor], epoch: int, step: int, run: "_Run | None") -> HuseError:
+    detail = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in parts.items())
+    kept = (f"the last good checkpoint is kept in {run.last}" if run is not None and run.last.is_file()
+            else "no checkpoint had been written yet")
+    return HuseError(f"non-finite loss {float(loss.detach())} ({detail}) at epoch {epoch}, step {step}: training stopped; "
+                     f"{kept}. Lower --lr (or check the feature file) and start a new run.")
+
+
+def _epoch_line(row: dict[str, Any], n_epochs: int, key: str, improved: bool) -> str:
+    parts = " ".join(f"{k.split('/')[1]} {row[k]:.4f}" for k in row if k.startswith("train/") and k != "train/loss")
+    line = f"epoch {row['epoch']}/{n_epochs} step {row['step']} | loss {row['train/loss']:.4f} ({parts})"
+    if key in row:
+        accs = " ".join(f"{m} {row[f'val/acc/{m}']:.4f}" for m in ("image", "text", "fused") if f"val/acc/{m}" in row)
+        line += f" | val acc {accs}" + ("  * best" if improved else "")
+    return line + f" | {row['time_s']:.0f}s"
+
+
+# ------------------------------------------------------------------------------ run folder
+
+
+class _Run:
+    """The run folder: config.json, metrics.jsonl, best.pt, last.pt, curves.png (contracts.md)."""
+
+    def __init__(self, path: Path) -> None:
+        self.dir = path
+        self.best, self.last = path / "best.pt", path / "last.pt"
+        self.metrics, self.config, self.curves = path / "metrics.jsonl", path / "config.json", path / "curves.png"
+        self._written = 0
+        self._plotted = -math.inf
+
+    def start(self, cfg: TrainConfig, mcfg: ModelConfig, fs: FeatureSet, device: torch.device, key: str) -> None:
+        if self.last.is_file():
+            raise HuseError(f"{self.dir} already holds a run: add --resume to continue it, or choose another --out")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log.info("training into %s", self.dir)
+        config = {"train": asdict(cfg), "model": asdict(mcfg), "features": str(Path(fs.path).resolve()),
+                  "feature_meta": feature_meta(fs.attrs), "select": key, "device": str(device),
+                  "items": {s: int((fs.split == s).sum()) for s in ("train", "val", "test")},
+                  "views": None if fs.view_emb is None or not cfg.use_views else list(fs.view_emb.shape),
+                  "package_version": __version__, "torch_version": torch.__version__,
+                  "created": datetime.now().isoformat(timespec="seconds")}
+        with atomic_path(self.config) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        self.rewrite_metrics([])
+
+    def record_resume(self, cfg: TrainConfig) -> None:
+        """Keep config.json's "train" section equal to the configuration that is running now."""
+        config = json.loads(self.config.read_text())
+        config["train"] = asdict(cfg)
+        config.setdefault("resumed", []).append(datetime.now().isoformat(timespec="seconds"))
+        with atomic_path(self.config) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+
+    def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
+        with atomic_path(self.metrics) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+        self._written = len(history)
+
+    def append_metrics(self, history: list[dict[str, Any]]) -> None:
+        with open(self.metrics, "a") as fh:
+            fh.write("".join(json.dumps(row) + "\n" for row in history[self._written:]))
+        self._written = len(history)
+
+    def maybe_plot(self, history: list[dict[str, Any]], key: str, best_epoch: int, force: bool = False) -> None:
+        """Redraw curves.png, at most every 10 seconds unless forced."""
+        if force or time.perf_counter() - self._plotted > 10:
+            plot_curves(history, self.curves, key, best_epoch)
+            self._plotted = time.perf_counter()
+
+
+def plot_curves(history: list[dict[str, Any]], path: str | Path, key: str = "val/acc/mean", best_epoch: int = 0) -> None:
+    """Loss parts and total per epoch (train solid, val dashed) and validation accuracy, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global backend
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [row["epoch"] for row in history]
+    for i, part in enumerate(("loss", "class", "graph", "gap")):
+        for split, style in (("train", "-"), ("val", "--")):
+            pts = [(row["epoch"], row[f"{split}/{part}"]) for row in history if f"{split}/{part}" in row]
+            if pts and any(v > 0 for _, v in pts):
+                ax_loss.plot(*zip(*pts), style, color=f"C{i}", label=f"{split} {'total' if part == 'loss' else part}")
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("loss (weighted total) and its parts (unweighted)")
+    ax_loss.legend(fontsize=7)
+    for i, m in enumerate(("image", "text", "fused", "mean")):
+        pts = [(row["epoch"], row[f"val/acc/{m}"]) for row in history if f"val/acc/{m}" in row]
+        if pts:
+            ax_acc.plot(*zip(*pts), "-", color=f"C{i}", label=m)
+    if best_epoch:
+        ax_acc.axvline(best_epoch, color="grey", ls=":", label=f"best ({key})")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_title("validation accuracy")
+    ax_acc.legend(fontsize=7)
+    if epochs:
+        for ax in (ax_loss, ax_acc):
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def new_run_dir(root: str | Path = RUNS_ROOT) -> Path:
+    """A fresh folder name root/<YYYYmmdd-HHMMSS>, with -2, -3 ... if it exists (not created)."""
+    base = Path(root) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tuple[str, TrainConfig]:
+    """The feature path and TrainConfig of an existing run, with `overrides` applied."""
+    config = Path(run_dir) / "config.json"
+    if not (Path(run_dir) / "last.pt").is_file() or not config.is_file():
+        raise HuseError(f"{run_dir} holds no run to resume (no last.pt / config.json): start it without --resume")
+    saved = json.loads(config.read_text())
+    return saved["features"], dataclasses.replace(TrainConfig(**saved["train"]), **(overrides or {}))
+
+
+def train(features: str | Path, cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """`huse train`: read the feature file, fit into the run folder `out` (default: a new folder
+    under cache/runs/), and return a summary (run folder, best epoch and its val metrics)."""
+    fs = read_features(features, views=cfg.use_views)
+    run_dir = Path(out) if out is not None else new_run_dir()
+    _, history = fit(fs, cfg, run_dir, resume=resume, progress=progress)
+    best = load_checkpoint(run_dir / "best.pt")
+    return {"run": str(run_dir), "epochs": len(history), "steps": history[-1]["step"] if history else 0,
+            "best_epoch": best["epoch"], "select": cfg.select_key, "best": best["metrics"]}
