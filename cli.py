@@ -91,16 +91,27 @@ def _echo_summary(title: str, summary: dict) -> None:
               help="Rows per part file: the unit of progress kept when a run is interrupted.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=64_000_000,
               help="Images with more pixels are skipped as too large.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of the encoders in this process. Default on CPU with decoding workers: torch's "
+                   "choice (the core count) minus one, so decoding does not stall the encoder's threads.")
 @click.option("--strict", is_flag=True, help="Fail on the first unusable row instead of skipping it.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing feature file (and discard unfinished work made with different settings).")
-def extract_features_cmd(catalogue, overwrite, **options) -> None:
+def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
     """Stage one: run the frozen image and text encoders over a catalogue into an HDF5 feature file.
 
     Interrupted runs continue where they stopped when the same command is run again.
     """
-    from huse_pipeline.extract import ExtractConfig, extract_features
+    import torch
 
+    from huse_pipeline.extract import ExtractConfig, extract_features, tune_cpu_allocator
+    from huse_pipeline.utils import resolve_device
+
+    tune_cpu_allocator()  # no page faults for every batch's activations
+    if threads is None and options["num_workers"] > 0 and resolve_device(options["device"]).type == "cpu":
+        threads = max(1, torch.get_num_threads() - 1)  # leave a core to the decoding workers (BENCHMARKS.md)
+    if threads:
+        torch.set_num_threads(threads)
     cfg = ExtractConfig(catalogue=catalogue or _default_catalogue(), **options)
     summary = extract_features(cfg, overwrite=overwrite)
     if summary.pop("up_to_date"):

@@ -87,11 +87,18 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
         except Exception as exc:
             log.debug("cannot decode %s: %s", path, exc)
             raise BadImage(_decode_failure(exc)) from exc
-        ImageOps.exif_transpose(im, in_place=True)
+        try:
+            ImageOps.exif_transpose(im, in_place=True)
+        except Exception as exc:  # a broken EXIF block: keep the stored orientation
+            log.debug("ignoring the unreadable EXIF orientation of %s: %s", path, exc)
         rgb = to_rgb(im)
-    except BaseException:
+    except BadImage:
         im.close()
         raise
+    except Exception as exc:
+        im.close()
+        log.debug("cannot convert %s: %s", path, exc)
+        raise BadImage("corrupt image") from exc
     if rgb is not im or getattr(im, "fp", None) is not None:  # multi-frame files keep their file open
         rgb = rgb.copy() if rgb is im else rgb
         im.close()
