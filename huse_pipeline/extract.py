@@ -461,9 +461,11 @@ def _done_parts(folder: Path, planned: list[tuple[int, int]], fingerprint: str) 
                 same = features.read_part(path).attrs.get("fingerprint") == fingerprint
             except OSError:
                 same = False
-            if not same:
-                raise HuseError(f"{path} does not belong to this run; use --overwrite to start again")
-            done.add((start, end))
+            if same:
+                done.add((start, end))
+            else:  # only possible if someone copied files in: redo that part
+                log.warning("%s does not belong to this run; it will be computed again", path)
+                path.unlink()
     return done
 
 

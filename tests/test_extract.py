@@ -478,3 +478,23 @@ def test_real_default_encoders_on_a_few_rows(tmp_path):
     with h5py.File(tmp_path / "f.h5") as f:
         used = f["items/text_used"].asstr()[()].tolist()
     np.testing.assert_allclose(fs.text_emb, text.encode(used), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_real_catalogue_sample(tmp_path):
+    """The first 64 rows of the real catalogue with the default encoders: nothing skipped, sane features."""
+    real = os.environ.get("HUSE_REAL_CATALOGUE")
+    if not real:
+        pytest.skip("set HUSE_REAL_CATALOGUE to the real catalogue CSV (or its folder) to run this test")
+    real_csv = Path(real) / "catalogue.csv" if Path(real).is_dir() else Path(real)
+    with open(real_csv, newline="") as fh:
+        rows = [r for _, r in zip(range(64), csv.DictReader(fh))]
+    csv_path = _write_csv(tmp_path / "sample.csv", rows)
+    cfg = ExtractConfig(catalogue=str(csv_path), image_root=str(real_csv.parent), out=str(tmp_path / "f.h5"),
+                        device="cpu", num_workers=1)
+    summary = extract_features(cfg)
+    assert summary["skipped"] == 0 and summary["items"] == 64
+    fs = features.read_features(tmp_path / "f.h5")
+    assert fs.image_emb.shape == (64, 1280) and fs.text_emb.shape == (64, 384)
+    assert np.isfinite(fs.image_emb).all() and np.isfinite(fs.text_emb).all()
+    assert fs.attrs["image_root"] == str(real_csv.parent.resolve())
