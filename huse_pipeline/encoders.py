@@ -278,7 +278,8 @@ class SentenceTransformerEncoder(TextEncoder):
         self.tokenizer = self.model.tokenizer
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        # verbose=False: counting a text longer than the model reads is the point here, not a mistake
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
         return [len(x) for x in ids]
 
     def encode(self, texts: list[str], batch_size: int = 256) -> np.ndarray:

@@ -1,0 +1,141 @@
+"""The real frozen encoders (huse_pipeline.encoders) through stage one's preprocessing: pretrained
+weights really load (ImageNet heads recognise real photos), local ResNet checkpoints give torchvision's
+own features, clear errors for wrong or missing weights, and MiniLM embeds paraphrases close."""
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from huse_pipeline import features
+from huse_pipeline.encoders import load_image_encoder, load_text_encoder
+from huse_pipeline.errors import HuseError
+from huse_pipeline.extract import ExtractConfig, extract_features
+from huse_pipeline.images import ImageTransform
+
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
+
+# ImageNet class indices a correct network puts in its top 5 for each scikit-image photo
+PHOTOS = {
+    "coffee": {504, 967, 968},  # coffee mug, espresso, cup
+    "chelsea": {281, 282, 283, 284, 285},  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    "rocket": {657, 744, 812},  # missile, projectile, space shuttle
+}
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory):
+    """The scikit-image photos saved as JPEG files, so they go through the real decoding path."""
+    root = tmp_path_factory.mktemp("photos")
+    paths = {}
+    for name in PHOTOS:
+        paths[name] = root / f"{name}.jpg"
+        Image.fromarray(getattr(skimage_data, name)()).convert("RGB").save(paths[name], quality=95)
+    return paths
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_efficientnet_imagenet_head_recognises_real_photos(name, photo_files):
+    encoder = load_image_encoder(name, "cpu")
+    transform = ImageTransform(size=encoder.input_size, fit="pad")  # stage one's default preprocessing
+    batch = torch.stack([transform(photo_files[p]) for p in PHOTOS])  # (3, 3, S, S) uint8
+    top5 = encoder.classify(batch).topk(5, dim=1).indices.tolist()
+    for (photo, classes), predicted in zip(PHOTOS.items(), top5):
+        assert classes & set(predicted), f"{name} top-5 for {photo}: {predicted}"
+    emb = encoder.encode(batch)
+    assert emb.shape == (3, 1280) and emb.dtype == torch.float32
+    assert encoder.input_size == {"efficientnet-lite0": 224, "efficientnet-lite2": 260}[name]
+
+
+def _random_resnet18(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+def test_local_resnet_checkpoint_gives_torchvision_features(tmp_path, photo_files):
+    net = _random_resnet18()
+    path = tmp_path / "resnet18.pt"
+    torch.save(net.state_dict(), path)
+    encoder = load_image_encoder("resnet18", "cpu", weights=str(path))
+    assert encoder.dim == 512 and encoder.weights == str(path)
+
+    x = torch.stack([ImageTransform(size=224)(photo_files[p]) for p in PHOTOS])  # (3, 3, 224, 224) uint8
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        expected = net((x.float() - IMAGENET_MEAN) / IMAGENET_STD)  # torchvision's own pooled output
+    torch.testing.assert_close(encoder.encode(x), expected, rtol=1e-4, atol=1e-4)
+
+    # wrapped checkpoints (Lightning / DDP style) load too
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in _random_resnet18().state_dict().items()}}, wrapped)
+    torch.testing.assert_close(load_image_encoder("resnet18", "cpu", weights=str(wrapped)).encode(x), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_image_weights_option_end_to_end(tmp_path, photo_files):
+    """`--image-weights` through stage one: the stored features are torchvision's for that checkpoint."""
+    net = _random_resnet18(seed=3)
+    weights = tmp_path / "r18.pt"
+    torch.save(net.state_dict(), weights)
+    csv_path = tmp_path / "c.csv"
+    rows = [f"{photo_files[p]},photo of {p},things<{p}" for p in PHOTOS]
+    csv_path.write_text("image,text,label,split\n" + "\n".join(f"{r},train" for r in rows) + "\n")
+    cfg = ExtractConfig(catalogue=str(csv_path), out=str(tmp_path / "f.h5"), image_encoder="resnet18",
+                        image_weights=str(weights), text_encoder="stub", num_workers=0, device="cpu")
+    extract_features(cfg)
+    fs = features.read_features(tmp_path / "f.h5")
+    x = torch.stack([ImageTransform(size=224)(photo_files[p]) for p in PHOTOS])
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        expected = net((x.float() - IMAGENET_MEAN) / IMAGENET_STD).numpy()
+    np.testing.assert_allclose(fs.image_emb, expected, rtol=1e-4, atol=1e-4)
+    assert fs.attrs["image_weights"] == str(weights) and fs.attrs["settings"]["image_weights_sha256"]
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path):
+    other = tmp_path / "resnet34.pt"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), other)
+    with pytest.raises(HuseError, match=r"is not a torchvision resnet18 state_dict"):
+        load_image_encoder("resnet18", "cpu", weights=str(other))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(HuseError, match=r"cannot read .* as a PyTorch checkpoint"):
+        load_image_encoder("resnet18", "cpu", weights=str(garbage))
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(HuseError, match=r"holds a Tensor, not a state_dict"):
+        load_image_encoder("resnet18", "cpu", weights=str(tensor))
+    with pytest.raises(HuseError, match=r"is not a file"):
+        load_image_encoder("resnet18", "cpu", weights=str(tmp_path / "nope.pt"))
+
+
+def test_missing_torchvision_weights_list_the_options(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty cache
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(HuseError) as info:
+        load_image_encoder("resnet50", "cpu")
+    message = str(info.value)
+    assert "neither in torchvision's cache" in message and str(tmp_path / "hub") in message
+    assert "--image-weights" in message and "efficientnet-lite0" in message and "URLError" in message
+
+
+def test_minilm_embeds_paraphrases_close():
+    encoder = load_text_encoder("all-MiniLM-L6-v2", "cpu")
+    assert encoder.dim == 384 and encoder.max_tokens > 100
+    texts = ["A man is playing a guitar on stage.", "Someone performs music with a guitar at a concert.",
+             "The quarterly tax report is due on Friday."]
+    emb = encoder.encode(texts)
+    assert emb.shape == (3, 384) and emb.dtype == np.float32
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
+    assert encoder.count_tokens(["hello world", ""]) == [2, 0]
