@@ -96,7 +96,8 @@ def _echo_summary(title: str, summary: dict) -> None:
                    "choice (the core count) minus one, so decoding does not stall the encoder's threads.")
 @click.option("--strict", is_flag=True, help="Fail on the first unusable row instead of skipping it.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing feature file (and discard unfinished work made with different settings).")
+              help="Replace an existing feature file made with other settings (it stays until the new one is complete) and "
+                   "discard unfinished parts made with other settings; parts made with these settings are reused.")
 def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
     """Stage one: run the frozen image and text encoders over a catalogue into an HDF5 feature file.
 

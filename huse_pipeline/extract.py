@@ -415,9 +415,8 @@ def _check_existing_out(out: Path, fingerprint: str, settings: dict[str, Any], o
         what = ("was made with different settings (" + ", ".join(_differences(attrs["settings"], settings)[:8]) + " differ)"
                 if isinstance(attrs.get("settings"), dict) else "is not a feature file made by this version")
         raise HuseError(f"{out} already exists and {what}. Use --overwrite to replace it, or choose another --out.")
-    log.info("--overwrite: removing the existing %s", out)
-    out.unlink()
-    return None
+    log.info("--overwrite: %s will be replaced when the new file is complete", out)
+    return None  # the old file stays until the merge replaces it atomically
 
 
 def _open_parts_folder(folder: Path, job_settings: dict[str, Any], fingerprint: str, n_rows: int, part_rows: int,

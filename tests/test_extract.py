@@ -386,6 +386,31 @@ def test_unfinished_parts_with_other_settings_are_refused(catalogue, tmp_path, m
     assert summary["parts_reused"] == 0 and out.exists() and not parts_folder(out).exists()
 
 
+def test_interrupted_overwrite_keeps_the_old_file_and_resumes(catalogue, tmp_path, monkeypatch):
+    csv_path, _ = catalogue
+    out = tmp_path / "f.h5"
+    cfg = stub_config(csv_path, out)
+    extract_features(cfg)
+    old = out.read_bytes()
+    written = []
+    real = features.write_part
+
+    def write_part(path, part):  # the new run dies after its first part
+        if written:
+            raise RuntimeError("injected failure")
+        real(path, part)
+        written.append(path)
+
+    monkeypatch.setattr(features, "write_part", write_part)
+    with pytest.raises(RuntimeError):
+        extract_features(replace(cfg, image_fit="crop"), overwrite=True)
+    monkeypatch.undo()
+    assert out.read_bytes() == old  # nothing replaced until the new file is complete
+    summary = extract_features(replace(cfg, image_fit="crop"), overwrite=True)
+    assert summary["parts_reused"] == 1
+    assert features.read_attrs(out)["extract_config"]["image_fit"] == "crop"
+
+
 def test_resume_after_sigkill_gives_the_same_file(tmp_path):
     """Really kill `python cli.py extract-features` once a part file exists, then run it again."""
     augment = 2

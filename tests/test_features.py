@@ -117,3 +117,17 @@ def test_clear_errors_for_missing_or_foreign_files(tmp_path):
         f["x"] = 1
     with pytest.raises(HuseError, match="not a huse feature file"):
         features.read_attrs(tmp_path / "other.h5")
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+    from huse_pipeline.utils import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "x.txt") as tmp:
+            tmp.write_text("hello")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "x.txt").read_text() == "hello"
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
