@@ -38,10 +38,29 @@ def main(verbose: int) -> None:
 
     Typical run: extract-features -> build-graph -> train -> eval.
     """
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if verbose == 0:  # the CLI prints its own summaries; keep library chatter quiet
-        logging.getLogger("huse_pipeline").setLevel(logging.INFO)
+    _configure_logging(verbose)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines go through tqdm.write so they never break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # never let logging take the command down
+            self.handleError(record)
+
+
+def _configure_logging(verbose: int) -> None:
+    """Our own progress messages at INFO by default; other libraries' only with -v / -vv."""
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.getLogger("huse_pipeline").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 def _default_catalogue() -> str:
@@ -205,7 +224,6 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
     with `huse train --resume --out RUN`.
     """
     from click.core import ParameterSource
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from huse_pipeline.train import make_config, new_run_dir, resume_config, train
 
@@ -222,8 +240,7 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
         cfg = make_config(preset, **given)
     out = out or str(new_run_dir())
     try:
-        with logging_redirect_tqdm():
-            summary = train(features, cfg, out, resume=resume, progress=True)
+        summary = train(features, cfg, out, resume=resume, progress=True)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: continue with `huse train --resume --out {out}`", err=True)
         sys.exit(130)

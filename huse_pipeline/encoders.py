@@ -8,12 +8,13 @@ for tests.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -262,7 +263,8 @@ class SentenceTransformerEncoder(TextEncoder):
 
         location = _resolve_text_model(name)
         try:
-            self.model = SentenceTransformer(str(location), device=str(device))
+            with _quiet_transformers():
+                self.model = SentenceTransformer(str(location), device=str(device))
         except Exception as exc:  # hub errors offline, missing files, ...
             raise HuseError(
                 f"cannot load the sentence-transformers model {name!r} ({type(exc).__name__}: {exc}). "
@@ -309,6 +311,23 @@ class StubTextEncoder(TextEncoder):
             if words:
                 out[i] = np.mean([self._word_vector(w, self.dim) for w in words], axis=0)
         return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-load "Loading weights" progress bar (our commands draw their own)."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _resolve_text_model(name: str) -> str | Path:
