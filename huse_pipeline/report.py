@@ -19,11 +19,11 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
 from . import __version__, metrics
 from .features import FeatureSet
 from .hierarchy import Hierarchy
+from .plots import training_curves
 from .retrieval import topk
 from .utils import atomic_path
 
@@ -249,35 +249,6 @@ def map_figure(xy: np.ndarray, top: np.ndarray, names: list[str], n: int, method
     return fig
 
 
-def curves_figure(history: list[dict[str, Any]], mark_epoch: int | None = None) -> Figure | None:
-    """Loss parts and validation accuracy per epoch from metrics.jsonl rows; a dashed line at
-    `mark_epoch` (the evaluated checkpoint's epoch)."""
-    x_key = "epoch" if all("epoch" in h for h in history) else None
-    x = [h.get("epoch", i + 1) for i, h in enumerate(history)] if x_key else list(range(1, len(history) + 1))
-    losses = [k for k in ("train/loss", "train/class", "train/graph", "train/gap") if any(k in h for h in history)]
-    accs = [k for k in sorted({k for h in history for k in h}) if k.startswith("val/acc")]
-    if not losses and not accs:
-        return None
-    fig = Figure(figsize=(11, 3.8))
-    ax1, ax2 = fig.subplots(1, 2)
-    for k in losses:
-        ax1.plot(x, [h.get(k, np.nan) for h in history], label=k, lw=1.6 if k == "train/loss" else 1.1)
-    ax1.set_title("training loss")
-    for k in accs:
-        ax2.plot(x, [h.get(k, np.nan) for h in history], label=k)
-    ax2.set_title("validation accuracy")
-    for ax in (ax1, ax2):
-        if mark_epoch:
-            ax.axvline(mark_epoch, color="#888", ls="--", lw=1, label=f"checkpoint (epoch {mark_epoch})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def _read_history(run_dir: Path | None) -> list[dict[str, Any]]:
     if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
         return []
@@ -292,7 +263,7 @@ def _read_history(run_dir: Path | None) -> list[dict[str, Any]]:
 
 def curves_section(run_dir: Path | None, mark_epoch: int | None = None) -> str:
     history = _read_history(run_dir)
-    fig = curves_figure(history, mark_epoch) if history else None
+    fig = training_curves(history, mark_epoch, "evaluated checkpoint") if history else None
     if fig is not None:
         return _img(_png(fig), "training curves") + f'<p class="note">{len(history)} epochs from {_esc(run_dir / "metrics.jsonl")}.</p>'
     if run_dir is not None and (run_dir / "curves.png").is_file():

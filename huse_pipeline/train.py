@@ -24,6 +24,7 @@ from . import __version__
 from .errors import HuseError
 from .features import FeatureSet, read_features
 from .losses import GRAPH_PAIRS, MARGIN_RULES, classification_loss, huse_loss
+from .plots import training_curves
 from .model import HuseModel, ModelConfig, check_compatible, feature_meta, load_checkpoint, save_checkpoint
 from .utils import atomic_path, resolve_device
 
@@ -505,36 +506,8 @@ class _Run:
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path, key: str = "val/acc/mean", best_epoch: int = 0) -> None:
-    """Loss parts and total per epoch (train solid, val dashed) and validation accuracy, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global backend
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    epochs = [row["epoch"] for row in history]
-    for i, part in enumerate(("loss", "class", "graph", "gap")):
-        for split, style in (("train", "-"), ("val", "--")):
-            pts = [(row["epoch"], row[f"{split}/{part}"]) for row in history if f"{split}/{part}" in row]
-            if pts and any(v > 0 for _, v in pts):
-                ax_loss.plot(*zip(*pts), style, color=f"C{i}", label=f"{split} {'total' if part == 'loss' else part}")
-    ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_title("loss (weighted total) and its parts (unweighted)")
-    ax_loss.legend(fontsize=7)
-    for i, m in enumerate(("image", "text", "fused", "mean")):
-        pts = [(row["epoch"], row[f"val/acc/{m}"]) for row in history if f"val/acc/{m}" in row]
-        if pts:
-            ax_acc.plot(*zip(*pts), "-", color=f"C{i}", label=m)
-    if best_epoch:
-        ax_acc.axvline(best_epoch, color="grey", ls=":", label=f"best ({key})")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_title("validation accuracy")
-    ax_acc.legend(fontsize=7)
-    if epochs:
-        for ax in (ax_loss, ax_acc):
-            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-    fig.tight_layout()
+    """curves.png: each loss part and the total, train and val, and validation accuracy per epoch."""
+    fig = training_curves(history, best_epoch or None, f"best by {key}")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
 

@@ -1,0 +1,180 @@
+"""Quality on a real catalogue: the whole pipeline with the project's defaults, the ablations and
+the baselines, over several seeds, into a table in BENCHMARKS.md.
+
+Runs the `huse` commands exactly as a user would (this checkout's cli.py, the current Python):
+
+    extract-features (defaults) -> build-graph (defaults)
+    for each seed: train + eval (test split) for
+        huse        the defaults
+        beta=0      no semantic-graph loss
+        gamma=0     no cross-modal gap loss
+        class-only  beta = gamma = 0
+      and `eval --baselines` on the huse run: the paper's separate models (one tower + classifier
+      per modality, same settings) and in-modal retrieval with the raw frozen features.
+
+Every `huse eval` metric is reported as mean ± sample standard deviation over the seeds, with the
+wall-clock time of each stage and the machine. Finished steps are reused when the command is run
+again (the feature file is up to date; a run whose eval JSON exists is not retrained), so an
+interrupted benchmark continues where it stopped.
+
+    python bench/bench_quality.py --catalogue ../shared/datasets/myntra_fashion_small/catalogue.csv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"huse": [], "beta=0": ["--beta", "0"], "gamma=0": ["--gamma", "0"],
+            "class-only": ["--beta", "0", "--gamma", "0"]}
+BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
+# Rows of the table, in order; baseline columns read the baseline/ keys of the huse run's eval.
+TASKS = ("img2img", "img2txt", "txt2img", "txt2txt")
+ROWS = (["acc/image", "acc/text", "acc/fused", "acc/fused@0.5", "fusion_weight", "acc5/image", "acc5/text",
+         "macro_acc/image", "macro_acc/text"]
+        + [f"{t}/{m}" for t in TASKS for m in ("R@1", "R@5", "R@10", "MAP@R")]
+        + [f"{t}/{m}" for t in TASKS for m in ("HP@2", "HP@5", "HP@10")]
+        + [f"{t}/severity" for t in TASKS]
+        + [f"{t}/{m}" for t in ("img2txt", "txt2img") for m in ("inst_R@1", "inst_R@5", "inst_R@10", "medr")]
+        + ["graph_fidelity", "tree_fidelity", "modality_gap"])
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one `huse` command (output appended to `log`); return its wall-clock seconds."""
+    start = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"\n$ huse {' '.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *cmd], stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        sys.exit(f"`huse {' '.join(cmd)}` failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{cpu}, {os.cpu_count()} cores, GPU: {gpu}; Python {platform.python_version()}, torch {torch.__version__}; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+
+
+def fmt(values: list[float | None]) -> str:
+    vals = np.array([np.nan if v is None else v for v in values], dtype=float)
+    if not np.isfinite(vals).any():
+        return "–"
+    mean = np.nanmean(vals)
+    std = np.nanstd(vals, ddof=1) if np.isfinite(vals).sum() > 1 else 0.0
+    digits = 1 if abs(mean) >= 10 else 3
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table(results: dict[str, list[dict]], seeds: list[int]) -> list[str]:
+    cols = list(VARIANTS) + ["separate models", "raw features"]
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key in ROWS:
+        cells = [fmt([r.get(key) for r in results[v]]) for v in VARIANTS]
+        sep = f"baseline/{key}" if key in ("acc/image", "acc/text", "acc/fused", "fusion_weight") else None
+        raw = f"baseline/{key}" if key.split("/")[0] in ("img2img", "txt2txt") else None
+        cells.append(fmt([r.get(sep) for r in results["huse"]]) if sep else "")
+        cells.append(fmt([r.get(raw) for r in results["huse"]]) if raw else "")
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_section(markdown: Path, body: list[str]) -> None:
+    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
+    block = "\n".join([BEGIN, *body, END])
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    markdown.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--catalogue", required=True, help="catalogue CSV (the real one: "
+                        "../shared/datasets/myntra_fashion_small/catalogue.csv)")
+    parser.add_argument("--work", default="cache/bench_quality", help="folder for the feature file, runs and log")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"), help="file to write the table into")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if len(args.seeds) < 3:
+        print("note: fewer than 3 seeds; the spread will say little", file=sys.stderr)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    feats = str(work / "feats.h5")
+    device = ["--device", args.device]
+    times: dict[str, list[float]] = {}
+    print(f"log: {log}", flush=True)
+
+    stage = "extract-features" + (" (file already up to date: not a timing)" if Path(feats).exists() else "")
+    times[stage] = [run(["extract-features", "--catalogue", args.catalogue, "--out", feats, *device], log)]
+    times["build-graph"] = [run(["build-graph", "--features", feats, *device], log)]
+    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for seed in args.seeds:
+        for variant, options in VARIANTS.items():
+            run_dir = work / "runs" / f"{variant}-seed{seed}"
+            out = run_dir / "eval_test.json"
+            if not out.exists():
+                times.setdefault(f"train ({variant})", []).append(run(
+                    ["train", "--features", feats, "--out", str(run_dir), "--seed", str(seed), *options, *device], log))
+                extra = ["--baselines"] if variant == "huse" else []
+                stage = "eval --baselines (huse)" if extra else "eval"
+                times.setdefault(stage, []).append(run(
+                    ["eval", "--run", str(run_dir), "--features", feats, "--out", str(out), *extra, *device], log))
+            results[variant].append(json.loads(out.read_text()))
+            print(f"seed {seed} {variant}: acc/image {results[variant][-1]['acc/image']:.3f} "
+                  f"img2txt/R@1 {results[variant][-1]['img2txt/R@1']:.3f}", flush=True)
+
+    config = json.loads((work / "runs" / f"huse-seed{args.seeds[0]}" / "config.json").read_text())
+    attrs_cmd = [sys.executable, "-c", "import json,sys; from huse_pipeline.features import read_attrs; "
+                 "a = read_attrs(sys.argv[1]); print(json.dumps({k: a.get(k) for k in ('image_encoder', 'text_encoder', "
+                 "'augment_views', 'n_items', 'split_counts')}))", feats]
+    feature_info = subprocess.run(attrs_cmd, capture_output=True, text=True, cwd=REPO).stdout.strip()
+    body = [
+        "### Results (test split, mean ± standard deviation over seeds " + ", ".join(map(str, args.seeds)) + ")",
+        "",
+        f"Command: `python bench/bench_quality.py --catalogue {args.catalogue}"
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "") + "`",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Features: {feature_info}. Training defaults (`huse train`): "
+        + ", ".join(f"{k} {config['train'][k]}" for k in ("preset", "optimizer", "lr", "batch_size", "epochs",
+                                                        "alpha", "beta", "gamma", "zeta", "margin_rule",
+                                                        "graph_pairs", "input_norm")) + ".",
+        "",
+        "Columns: the full model (`huse`), its ablations, the paper's separate models (`eval --baselines`: "
+        "one tower and classifier per modality, classification loss only) and in-modal retrieval with the "
+        "raw frozen features. Severity and medr: lower is better.",
+        "",
+        *table(results, args.seeds),
+        "",
+        "Wall-clock time per stage (seconds; mean over the runs of this invocation, count in brackets; "
+        "stages reused from an earlier invocation are not timed):",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {stage} | {np.mean(ts):.0f} ({len(ts)}) |" for stage, ts in times.items()],
+    ]
+    write_section(Path(args.markdown), body)
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

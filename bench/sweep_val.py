@@ -1,0 +1,94 @@
+"""Choose training defaults on evidence: train configurations on a feature file and score them on
+the VALIDATION split only (never test), with the same metrics as `huse eval`.
+
+Each configuration is a JSON object of `huse train` options (TrainConfig field names) applied on
+top of the project's defaults; every one is trained once per seed, in memory, and scored on val
+(the fusion weight is tuned on val too, so `acc/fused` is slightly optimistic for every row alike).
+Prints one markdown row per configuration (mean over seeds, and the spread max-min when several)
+and appends every run's full metrics to a JSON-lines log.
+
+    python bench/sweep_val.py --features cache/myntra.h5 --seeds 0 1 \
+        --grid '[{}, {"beta": 0, "gamma": 0}, {"margin_rule": "and"}]' --log cache/sweep.jsonl
+
+The feature file needs a graph (`huse build-graph`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from huse_pipeline import features, metrics  # noqa: E402
+from huse_pipeline.evaluate import (all_retrieval_metrics, classification_metrics, split_outputs,  # noqa: E402
+                                    universal_space_metrics)
+from huse_pipeline.train import fit, make_config  # noqa: E402
+
+COLUMNS = ["acc/image", "acc/text", "acc/fused", "img2img/R@1", "img2txt/R@1", "txt2img/R@1", "txt2txt/R@1",
+           "img2txt/HP@10", "txt2img/HP@10", "img2img/severity", "img2txt/severity", "txt2img/severity",
+           "graph_fidelity", "tree_fidelity", "modality_gap"]
+
+
+def score_on_val(model, fs: features.FeatureSet, device: torch.device) -> dict[str, float | None]:
+    """`huse eval`'s metrics of `model` on the val split (fusion weight tuned on val)."""
+    val = fs.indices("val")
+    out = split_outputs(model, model, fs, val, device, 4096)
+    weight = metrics.tune_fusion_weight(out.image_prob, out.text_prob, out.labels, 0.05)
+    result = {**classification_metrics(out, weight), "fusion_weight": weight}
+    tree = torch.as_tensor(fs.tree_dist, device=device)
+    result.update(all_retrieval_metrics(out, tree, fs.num_classes, 1024, 16384))
+    result.update(universal_space_metrics(out, fs.num_classes, fs.class_dist, fs.tree_dist))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", required=True, help="feature file with a graph")
+    parser.add_argument("--grid", required=True, help="JSON list of option dicts, or @file.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log", default=None, help="append every run's metrics here (JSON lines)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = json.loads(Path(args.grid[1:]).read_text() if args.grid.startswith("@") else args.grid)
+    fs = features.read_features(args.features, views=True)
+    if fs.class_dist is None:
+        sys.exit(f"{args.features} has no graph: run `huse build-graph --features {args.features}`")
+    device = torch.device(args.device)
+    print(f"features {args.features}: {fs.attrs.get('image_encoder')} + {fs.attrs.get('text_encoder')}, "
+          f"views {fs.attrs.get('augment_views', 0)}, val items {len(fs.indices('val'))}; seeds {args.seeds}")
+    print("| options | " + " | ".join(COLUMNS) + " | s/run |")
+    print("|---" * (len(COLUMNS) + 2) + "|", flush=True)
+    for options in grid:
+        runs = []
+        start = time.perf_counter()
+        for seed in args.seeds:
+            cfg = make_config(**{**options, "seed": seed, "device": args.device})
+            model, history = fit(fs, cfg)
+            scores = score_on_val(model, fs, device)
+            runs.append(scores)
+            if args.log:
+                with open(args.log, "a") as fh:
+                    fh.write(json.dumps({"features": args.features, "options": options, "seed": seed,
+                                         "best_epoch": max(history, key=lambda h: h.get(cfg.select_key, 0))["epoch"],
+                                         **scores}) + "\n")
+        cells = []
+        for key in COLUMNS:
+            values = np.array([np.nan if r[key] is None else r[key] for r in runs], dtype=float)
+            mean = np.nanmean(values) if np.isfinite(values).any() else np.nan
+            spread = f" ±{(np.nanmax(values) - np.nanmin(values)) / 2:.3f}" if len(runs) > 1 else ""
+            cells.append(f"{mean:.3f}{spread}")
+        seconds = (time.perf_counter() - start) / len(args.seeds)
+        print(f"| `{json.dumps(options)}` | " + " | ".join(cells) + f" | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
