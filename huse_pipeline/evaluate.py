@@ -338,7 +338,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     result = {k: _clean(v) for k, v in result.items()}
     with atomic_path(out_path) as tmp:
         tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    log.info("wrote %s", out_path)
+    log.debug("wrote %s", out_path)
 
     res = EvalResult(metrics=result, outputs=out, fusion_weight=weight, tree_dist=np.asarray(tree),
                      checkpoint=ckpt_path, run_dir=run_dir, out=out_path,
