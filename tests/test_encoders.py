@@ -139,3 +139,42 @@ def test_minilm_embeds_paraphrases_close():
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
     assert encoder.count_tokens(["hello world", ""]) == [2, 0]
+
+
+def test_concatenated_encoders_give_each_members_features(tmp_path, photo_files):
+    """`a+b` through stage one: the stored features are a's then b's, each network at its own input
+    size (Lite0 224, Lite2 260), from one decoding of each image at the larger size."""
+    csv_path = tmp_path / "c.csv"
+    rows = [f"{photo_files[p]},photo of {p},things<{p},train" for p in PHOTOS]
+    csv_path.write_text("image,text,label,split\n" + "\n".join(rows) + "\n")
+    cfg = ExtractConfig(catalogue=str(csv_path), out=str(tmp_path / "f.h5"),
+                        image_encoder="efficientnet-lite0+efficientnet-lite2", text_encoder="stub",
+                        num_workers=0, device="cpu")
+    extract_features(cfg)
+    fs = features.read_features(tmp_path / "f.h5")
+    assert fs.image_emb.shape == (3, 2560) and fs.attrs["image_dim"] == 2560
+    assert fs.attrs["image_input_size"] == 260
+    assert [m["image_encoder"] for m in fs.attrs["image_members"]] == ["efficientnet-lite0", "efficientnet-lite2"]
+
+    x260 = torch.stack([ImageTransform(size=260)(photo_files[p]) for p in PHOTOS])
+    lite2 = load_image_encoder("efficientnet-lite2", "cpu")
+    np.testing.assert_allclose(fs.image_emb[:, 1280:], lite2.encode(x260).numpy(), rtol=1e-4, atol=1e-4)
+    x224 = torch.nn.functional.interpolate(x260.float(), size=(224, 224), mode="bilinear", antialias=True)
+    lite0 = load_image_encoder("efficientnet-lite0", "cpu")
+    expected0 = lite0.encode(x224.round().clamp(0, 255).to(torch.uint8)).numpy()
+    np.testing.assert_allclose(fs.image_emb[:, :1280], expected0, rtol=1e-4, atol=1e-4)
+    # and the resized input stays close to Lite0's own 224 preprocessing (same network, same photo)
+    own = lite0.encode(torch.stack([ImageTransform(size=224)(photo_files[p]) for p in PHOTOS]))
+    cos = torch.nn.functional.cosine_similarity(own, torch.as_tensor(expected0), dim=1)
+    assert (cos > 0.95).all(), cos
+
+
+def test_concatenation_names_are_checked(tmp_path):
+    with pytest.raises(HuseError, match=r"unknown image encoder 'efficientnet-lite9'"):
+        load_image_encoder("efficientnet-lite0+efficientnet-lite9", "cpu")
+    with pytest.raises(HuseError, match=r"names the same network twice"):
+        load_image_encoder("stub+stub", "cpu")
+    with pytest.raises(HuseError, match=r"applies to a single image encoder"):
+        load_image_encoder("stub+efficientnet-lite0", "cpu", weights=str(tmp_path))
+    with pytest.raises(HuseError, match=r"concatenation of encoders"):
+        load_image_encoder("stub+efficientnet-lite0", "cpu").classify(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))

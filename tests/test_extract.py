@@ -287,6 +287,16 @@ def test_cli_reports_missing_columns_without_traceback(tmp_path):
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
 
 
+def test_cli_rejects_unknown_image_encoder_without_traceback(tmp_path):
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("image,text,label\na.jpg,hello,a<b\n")
+    result = CliRunner().invoke(cli.main, ["extract-features", "--catalogue", str(csv_path), "--out", str(tmp_path / "f.h5"),
+                                           "--image-encoder", "efficientnet-lite0+resnet9"])
+    assert result.exit_code == 2
+    assert "unknown image encoder 'resnet9'" in result.output and "joined by '+'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "f.h5").exists()
+
+
 def test_image_root_option(tmp_path):
     images = tmp_path / "elsewhere"
     images.mkdir()
