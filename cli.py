@@ -216,7 +216,11 @@ PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
 @click.option("--hidden-dim", type=click.IntRange(min=1), default=512, help="Width of the hidden layers.")
 @click.option("--image-layers", type=click.IntRange(min=0), default=5, help="Hidden layers of the image tower.")
 @click.option("--text-layers", type=click.IntRange(min=0), default=2, help="Hidden layers of the text tower.")
-@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.15)
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.15,
+              help="Dropout after every hidden layer of both towers (paper: 0.15).")
+@click.option("--image-input-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+              help="Dropout on the image tower's standardised input features (not in the paper): a regulariser "
+                   "for wide frozen features such as concatenated encoders.")
 @click.option("--relu-before-norm/--no-relu-before-norm", default=False, help="ReLU before the L2 normalisation.")
 @click.option("--select", type=click.Choice(["val/acc/mean", "val/acc/fused", "val/acc/image", "val/acc/text",
               "val/loss"]), default="val/acc/mean",

@@ -31,6 +31,9 @@ class ModelConfig:
     image_layers: int = 5  # hidden layers of the image tower (paper: 5)
     text_layers: int = 2  # hidden layers of the text tower (paper: 2)
     dropout: float = 0.15
+    # Dropout on the image tower's standardised input features (not in the paper, default off): a
+    # regulariser for wide frozen features, e.g. several image encoders concatenated.
+    image_input_dropout: float = 0.0
     # The paper does not say whether a ReLU precedes the L2 norm. We leave it out by default: a
     # ReLU there confines embeddings to the positive orthant, where cosine distances only span
     # [0, 1] and the semantic graph's targets lose room.
@@ -38,15 +41,16 @@ class ModelConfig:
 
 
 class Tower(nn.Module):
-    """Frozen features -> `n_hidden` x (Linear, ReLU, Dropout) -> Linear -> L2 norm.
+    """Frozen features -> [input Dropout] -> `n_hidden` x (Linear, ReLU, Dropout) -> Linear -> L2 norm.
 
     The input is standardised with per-feature statistics held as buffers (identity until
     `set_input_stats` is called), so a checkpoint carries its own preprocessing.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, n_hidden: int, out_dim: int, dropout: float,
-                 relu_before_norm: bool = False) -> None:
+                 relu_before_norm: bool = False, input_dropout: float = 0.0) -> None:
         super().__init__()
+        self.input_dropout = nn.Dropout(input_dropout)  # no parameters: checkpoint keys do not move
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(n_hidden):
@@ -64,7 +68,7 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_dim) frozen features -> (B, out_dim), unit L2 norm."""
-        z = self.projection(self.hidden((x - self.input_mean) / self.input_std))
+        z = self.projection(self.hidden(self.input_dropout((x - self.input_mean) / self.input_std)))
         if self.relu_before_norm:
             z = F.relu(z)
         return F.normalize(z, dim=-1)
@@ -75,7 +79,7 @@ class HuseModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_tower = Tower(cfg.image_dim, cfg.hidden_dim, cfg.image_layers, cfg.embed_dim, cfg.dropout,
-                                 cfg.relu_before_norm)
+                                 cfg.relu_before_norm, cfg.image_input_dropout)
         self.text_tower = Tower(cfg.text_dim, cfg.hidden_dim, cfg.text_layers, cfg.embed_dim, cfg.dropout,
                                 cfg.relu_before_norm)
         self.classifier = nn.Linear(cfg.embed_dim, cfg.num_classes)  # shared by both modalities

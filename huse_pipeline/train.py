@@ -79,6 +79,7 @@ class TrainConfig:
     image_layers: int = 5
     text_layers: int = 2
     dropout: float = 0.15
+    image_input_dropout: float = 0.0  # on the image tower's standardised inputs (not in the paper)
     relu_before_norm: bool = False
     input_norm: str = "standardize"  # standardize (train-split mean/std) | none
     use_views: bool = True  # draw a fresh image view per item per epoch when the file has augmented views
@@ -104,13 +105,14 @@ class TrainConfig:
         if self.steps is not None and self.steps <= 0:
             raise HuseError(f"steps must be positive, got {self.steps}")
         if min(self.alpha, self.beta, self.gamma, self.weight_decay, self.patience, self.image_layers,
-               self.text_layers) < 0 or not 0 <= self.dropout < 1:
-            raise HuseError("alpha, beta, gamma, weight_decay, patience and layer counts must be >= 0 and dropout in [0, 1)")
+               self.text_layers) < 0 or not (0 <= self.dropout < 1 and 0 <= self.image_input_dropout < 1):
+            raise HuseError("alpha, beta, gamma, weight_decay, patience and layer counts must be >= 0 and dropouts in [0, 1)")
 
     def model_config(self, image_dim: int, text_dim: int, num_classes: int) -> ModelConfig:
         return ModelConfig(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, embed_dim=self.embed_dim,
                            hidden_dim=self.hidden_dim, image_layers=self.image_layers, text_layers=self.text_layers,
-                           dropout=self.dropout, relu_before_norm=self.relu_before_norm)
+                           dropout=self.dropout, relu_before_norm=self.relu_before_norm,
+                           image_input_dropout=self.image_input_dropout)
 
     @property
     def select_key(self) -> str:

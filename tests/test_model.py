@@ -33,6 +33,28 @@ def test_outputs_are_unit_norm_and_classifier_is_shared():
     assert (out["image_emb"] < 0).any()  # no ReLU before the norm by default: the whole sphere is used
 
 
+def test_image_input_dropout_drops_standardised_inputs_in_training_only():
+    model = _model(image_input_dropout=0.5)
+    plain = _model()
+    assert model.image_tower.input_dropout.p == 0.5 and plain.image_tower.input_dropout.p == 0.0
+    assert model.text_tower.input_dropout.p == 0.0  # the text tower is untouched
+    assert model.state_dict().keys() == plain.state_dict().keys()  # checkpoints keep their layout
+    x = torch.randn(64, 12) * 3 + 1
+    model.image_tower.set_input_stats(torch.ones(12), torch.full((12,), 3.0))
+    standardised = (x - 1) / 3
+    seen = []
+    model.image_tower.hidden.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    model.train()
+    model.image_tower(x)
+    dropped = seen[-1] == 0
+    # every input is either dropped or standardised and scaled by 1 / (1 - p); about half are dropped
+    torch.testing.assert_close(seen[-1][~dropped], standardised[~dropped] / 0.5)
+    assert 0.4 < dropped.float().mean().item() < 0.6
+    model.eval()  # at evaluation time nothing is dropped
+    model.image_tower(x)
+    torch.testing.assert_close(seen[-1], standardised)
+
+
 def test_relu_before_norm_option_confines_to_positive_orthant():
     model = _model(relu_before_norm=True).eval()
     assert (model(torch.randn(16, 12), torch.randn(16, 7))["image_emb"] >= 0).all()
