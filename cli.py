@@ -92,7 +92,7 @@ def _echo_summary(title: str, summary: dict) -> None:
               help="Folder the image paths are relative to (absolute paths work too). Default: the catalogue's folder.")
 @click.option("--out", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES,
               help="Feature file to write (unfinished work is kept in OUT.parts/ until the end).")
-@click.option("--image-encoder", default="efficientnet-lite0", show_default=True, callback=_check_image_encoder,
+@click.option("--image-encoder", default="efficientnet-lite0+efficientnet-lite2", show_default=True, callback=_check_image_encoder,
               help="Frozen ImageNet CNN: efficientnet-lite0, efficientnet-lite2, resnet18/34/50/101/152, or stub (a "
                    "deterministic test encoder). Features are its pooled penultimate layer. Several joined by '+' "
                    "(e.g. efficientnet-lite0+efficientnet-lite2) give their features concatenated.")
@@ -218,7 +218,7 @@ PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
 @click.option("--text-layers", type=click.IntRange(min=0), default=2, help="Hidden layers of the text tower.")
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.15,
               help="Dropout after every hidden layer of both towers (paper: 0.15).")
-@click.option("--image-input-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+@click.option("--image-input-dropout", type=click.FloatRange(min=0, max=1, max_open=True), default=0.3,
               help="Dropout on the image tower's standardised input features (not in the paper): a regulariser "
                    "for wide frozen features such as concatenated encoders.")
 @click.option("--relu-before-norm/--no-relu-before-norm", default=False, help="ReLU before the L2 normalisation.")

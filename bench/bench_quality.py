@@ -157,7 +157,7 @@ def main() -> None:
         f"Features: {feature_info}. Training defaults (`huse train`): "
         + ", ".join(f"{k} {config['train'][k]}" for k in ("preset", "optimizer", "lr", "batch_size", "epochs",
                                                         "alpha", "beta", "gamma", "zeta", "margin_rule",
-                                                        "graph_pairs", "input_norm")) + ".",
+                                                        "graph_pairs", "input_norm", "image_input_dropout")) + ".",
         "",
         "Columns: the full model (`huse`), its ablations, the paper's separate models (`eval --baselines`: "
         "one tower and classifier per modality, classification loss only) and in-modal retrieval with the "

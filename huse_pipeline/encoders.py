@@ -25,7 +25,8 @@ from .errors import HuseError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
+# chosen on the val split of the real catalogue together with --image-input-dropout 0.3 (BENCHMARKS.md)
+DEFAULT_IMAGE_ENCODER = "efficientnet-lite0+efficientnet-lite2"
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 EFFICIENTNET_LITES = ("efficientnet-lite0", "efficientnet-lite2")

@@ -79,7 +79,7 @@ class TrainConfig:
     image_layers: int = 5
     text_layers: int = 2
     dropout: float = 0.15
-    image_input_dropout: float = 0.0  # on the image tower's standardised inputs (not in the paper)
+    image_input_dropout: float = 0.3  # on the image tower's standardised inputs (not in the paper; chosen on val)
     relu_before_norm: bool = False
     input_norm: str = "standardize"  # standardize (train-split mean/std) | none
     use_views: bool = True  # draw a fresh image view per item per epoch when the file has augmented views
