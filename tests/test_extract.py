@@ -500,8 +500,9 @@ def test_real_default_encoders_on_a_few_rows(tmp_path):
     cfg = ExtractConfig(catalogue=str(csv_path), out=str(tmp_path / "f.h5"), num_workers=0, device="cpu", batch_size=4)
     summary = extract_features(cfg)
     fs = features.read_features(tmp_path / "f.h5")
-    assert summary["items"] == 8 and fs.image_emb.shape == (8, 1280) and fs.text_emb.shape == (8, 384)
-    assert fs.attrs["image_encoder"] == "efficientnet-lite0" and fs.attrs["text_encoder"] == "all-MiniLM-L6-v2"
+    assert summary["items"] == 8 and fs.image_emb.shape == (8, 2560) and fs.text_emb.shape == (8, 384)
+    assert fs.attrs["image_encoder"] == "efficientnet-lite0+efficientnet-lite2"
+    assert fs.attrs["text_encoder"] == "all-MiniLM-L6-v2"
     assert np.isfinite(fs.image_emb).all() and (np.linalg.norm(fs.image_emb, axis=1) > 1).all()
     # images of the same colour (class) are closer than images of different colours
     emb = fs.image_emb / np.linalg.norm(fs.image_emb, axis=1, keepdims=True)
@@ -530,6 +531,6 @@ def test_real_catalogue_sample(tmp_path):
     summary = extract_features(cfg)
     assert summary["skipped"] == 0 and summary["items"] == 64
     fs = features.read_features(tmp_path / "f.h5")
-    assert fs.image_emb.shape == (64, 1280) and fs.text_emb.shape == (64, 384)
+    assert fs.image_emb.shape == (64, 2560) and fs.text_emb.shape == (64, 384)
     assert np.isfinite(fs.image_emb).all() and np.isfinite(fs.text_emb).all()
     assert fs.attrs["image_root"] == str(real_csv.parent.resolve())
