@@ -240,8 +240,9 @@ def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: s
     device = torch.device(device)
     if ENCODER_JOIN in name:
         if weights is not None:
-            raise HuseError("--image-weights applies to a single image encoder, not to a concatenation "
-                            f"({name}); the members use their default weights")
+            which = f"{name}, the default" if name == DEFAULT_IMAGE_ENCODER else name
+            raise HuseError(f"--image-weights applies to a single image encoder, not to a concatenation ({which}); "
+                            "name the network the checkpoint is for, e.g. --image-encoder resnet50")
         return ConcatImageEncoder([load_image_encoder(n, device) for n in split_encoder_names(name)])
     if weights is not None and weights != "imagenet" and not Path(weights).is_file():
         raise HuseError(f"--image-weights {weights} is not a file")
