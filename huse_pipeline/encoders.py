@@ -54,15 +54,13 @@ class ImageEncoder:
         self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
 
+    def _identity(self) -> dict[str, Any]:
+        return {"image_encoder": self.name, "image_weights": self.weights, "image_dim": self.dim,
+                "image_input_size": self.input_size}
+
     def describe(self) -> dict[str, Any]:
         """What the feature file records about this encoder."""
-        return {
-            "image_encoder": self.name,
-            "image_weights": self.weights,
-            "image_dim": self.dim,
-            "image_input_size": self.input_size,
-            "image_normalisation": {"mean": list(self.mean), "std": list(self.std)},
-        }
+        return {**self._identity(), "image_normalisation": {"mean": list(self.mean), "std": list(self.std)}}
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float()  # (B, 3, S, S) 0..255
@@ -195,20 +193,15 @@ class ConcatImageEncoder(ImageEncoder):
         self.weights = "; ".join(f"{m.name}: {m.weights}" for m in members)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "image_encoder": self.name,
-            "image_weights": self.weights,
-            "image_dim": self.dim,
-            "image_input_size": self.input_size,
-            "image_members": [m.describe() for m in self.members],
-        }
+        return {**self._identity(), "image_members": [m.describe() for m in self.members]}
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> (B, sum of member dims) float32."""
+        images = images.to(self.device, non_blocking=True)  # one host-to-device copy for all members
         parts = []
         for member in self.members:
-            x = images.to(member.device, non_blocking=True)
+            x = images
             if x.shape[-1] != member.input_size:
                 size = (member.input_size, member.input_size)
                 x = nn.functional.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -260,7 +260,7 @@ def baseline_metrics(fs: features.FeatureSet, train_config: dict[str, Any] | Non
         raise HuseError("the checkpoint has no train_config, so the separate-model baselines cannot be trained "
                         "with the run's settings; evaluate a checkpoint written by `huse train`")
     try:
-        train_cfg = TrainConfig(**train_config)
+        train_cfg = TrainConfig.from_saved(train_config)
     except TypeError as exc:
         raise HuseError(f"the checkpoint's train_config does not fit this version's TrainConfig ({exc})") from exc
     models = {}

@@ -51,6 +51,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# TrainConfig fields added after runs were already being saved, with the value they had before
+# they existed: a run saved without one is resumed (or its baselines trained) as it was trained.
+FIELDS_ADDED_LATER: dict[str, Any] = {"image_input_dropout": 0.0}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything stage two needs besides the feature file; `asdict` goes into every artefact."""
@@ -107,6 +112,12 @@ class TrainConfig:
         if min(self.alpha, self.beta, self.gamma, self.weight_decay, self.patience, self.image_layers,
                self.text_layers) < 0 or not (0 <= self.dropout < 1 and 0 <= self.image_input_dropout < 1):
             raise HuseError("alpha, beta, gamma, weight_decay, patience and layer counts must be >= 0 and dropouts in [0, 1)")
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
+        """The TrainConfig of a saved run (config.json or a checkpoint's train_config); fields added
+        after it was saved take the value they had before they existed (FIELDS_ADDED_LATER)."""
+        return cls(**{**FIELDS_ADDED_LATER, **saved})
 
     def model_config(self, image_dim: int, text_dim: int, num_classes: int) -> ModelConfig:
         return ModelConfig(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, embed_dim=self.embed_dim,
@@ -533,7 +544,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     if not (Path(run_dir) / "last.pt").is_file() or not config.is_file():
         raise HuseError(f"{run_dir} holds no run to resume (no last.pt / config.json): start it without --resume")
     saved = json.loads(config.read_text())
-    return saved["features"], dataclasses.replace(TrainConfig(**saved["train"]), **(overrides or {}))
+    return saved["features"], dataclasses.replace(TrainConfig.from_saved(saved["train"]), **(overrides or {}))
 
 
 def train(features: str | Path, cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,

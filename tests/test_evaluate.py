@@ -211,6 +211,10 @@ def fake_train_module(calls: list) -> types.ModuleType:
         lr: float = 1e-3
         modality: str = "both"
 
+        @classmethod
+        def from_saved(cls, saved):
+            return cls(**saved)
+
     def fit(fs, cfg, run_dir=None):
         calls.append(cfg)
         return tiny_model(fs, steps=40, seed=1 if cfg.modality == "image" else 2), [{"epoch": 1}]

@@ -320,3 +320,17 @@ def test_bf16_autocast_path_keeps_losses_float32(feats):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.image_tower.parameters())
     metrics = train.validate(model, data, cfg, amp=True)
     assert 0 <= metrics["val/acc/fused"] <= 1
+
+
+def test_a_run_saved_before_input_dropout_existed_keeps_training_without_it():
+    """config.json / checkpoints written before --image-input-dropout lack the field; resuming or
+    training their baselines must use the value they were trained with (0), not today's default."""
+    from dataclasses import asdict
+
+    old = asdict(make_config(seed=3))
+    del old["image_input_dropout"]
+    assert TrainConfig.from_saved(old).image_input_dropout == 0.0
+    assert TrainConfig.from_saved(old).seed == 3
+    assert make_config().image_input_dropout == 0.3  # today's default is unchanged
+    new = asdict(make_config(image_input_dropout=0.2))
+    assert TrainConfig.from_saved(new).image_input_dropout == 0.2  # a saved value always wins
