@@ -14,8 +14,9 @@ Runs the `huse` commands exactly as a user would (this checkout's cli.py, the cu
 
 Every `huse eval` metric is reported as mean ± sample standard deviation over the seeds, with the
 wall-clock time of each stage and the machine. Finished steps are reused when the command is run
-again (the feature file is up to date; a run whose eval JSON exists is not retrained), so an
-interrupted benchmark continues where it stopped.
+again (the feature file is up to date; a run whose eval JSON exists and whose settings are today's
+defaults is not retrained; a run made with other settings is trained again), so an interrupted
+benchmark continues where it stopped.
 
     python bench/bench_quality.py --catalogue ../shared/datasets/myntra_fashion_small/catalogue.csv
 """
@@ -26,16 +27,22 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = {"huse": [], "beta=0": ["--beta", "0"], "gamma=0": ["--gamma", "0"],
-            "class-only": ["--beta", "0", "--gamma", "0"]}
+sys.path.insert(0, str(REPO))
+
+from huse_pipeline.train import TrainConfig  # noqa: E402
+# Each variant: the TrainConfig fields it changes from the defaults (passed as `huse train` options).
+VARIANTS: dict[str, dict[str, float]] = {"huse": {}, "beta=0": {"beta": 0.0}, "gamma=0": {"gamma": 0.0},
+                                         "class-only": {"beta": 0.0, "gamma": 0.0}}
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 # Rows of the table, in order; baseline columns read the baseline/ keys of the huse run's eval.
 TASKS = ("img2img", "img2txt", "txt2img", "txt2txt")
@@ -58,6 +65,22 @@ def run(cmd: list[str], log: Path) -> float:
     if proc.returncode != 0:
         sys.exit(f"`huse {' '.join(cmd)}` failed (exit {proc.returncode}); see {log}")
     return time.perf_counter() - start
+
+
+def options(fields: dict[str, float]) -> list[str]:
+    """{"beta": 0.0} -> ["--beta", "0.0"]."""
+    return [item for name, value in fields.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def is_current(run_dir: Path, fields: dict[str, float], seed: int) -> bool:
+    """Whether a finished run was trained with today's defaults plus `fields` (so its eval may be reused)."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["train"]
+    except (OSError, ValueError, KeyError):
+        return False
+    expected = asdict(TrainConfig(**fields, seed=seed))
+    ignore = ("device", "amp")
+    return all(saved.get(k) == v for k, v in expected.items() if k not in ignore)
 
 
 def machine() -> str:
@@ -127,12 +150,17 @@ def main() -> None:
     times["build-graph"] = [run(["build-graph", "--features", feats, *device], log)]
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for seed in args.seeds:
-        for variant, options in VARIANTS.items():
+        for variant, fields in VARIANTS.items():
             run_dir = work / "runs" / f"{variant}-seed{seed}"
             out = run_dir / "eval_test.json"
+            if run_dir.exists() and not (out.exists() and is_current(run_dir, fields, seed)):
+                print(f"{run_dir}: unfinished or trained with other settings than today's defaults; training it again",
+                      flush=True)
+                shutil.rmtree(run_dir)
             if not out.exists():
                 times.setdefault(f"train ({variant})", []).append(run(
-                    ["train", "--features", feats, "--out", str(run_dir), "--seed", str(seed), *options, *device], log))
+                    ["train", "--features", feats, "--out", str(run_dir), "--seed", str(seed), *options(fields),
+                     *device], log))
                 extra = ["--baselines"] if variant == "huse" else []
                 stage = "eval --baselines (huse)" if extra else "eval"
                 times.setdefault(stage, []).append(run(
