@@ -181,7 +181,7 @@ PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
               help="Run folder. Default: a new folder cache/runs/<YYYYmmdd-HHMMSS>.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
 @click.option("--preset", type=click.Choice(["default", "paper"]), default="default",
-              help="Optimiser preset. default: AdamW lr 3e-3, wd 1e-4, batch 512, 60 epochs, cosine schedule. "
+              help="Optimiser preset. default: AdamW lr 3e-3, wd 1e-4, batch 256, 60 epochs, cosine schedule. "
                    "paper (§4.1.3): RMSProp lr 1.6192e-5, momentum 0.9, batch 1024, constant lr, 100 epochs "
                    "(the paper ran --steps 250000). The options below override it.")
 @click.option("--modality", type=click.Choice(["both", "image", "text"]), default="both",
@@ -194,7 +194,7 @@ PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
               help=PRESET_HELP.format(default="1e-4", paper="0"))
 @click.option("--momentum", type=click.FloatRange(min=0), default=None,
               help="RMSProp/SGD momentum. " + PRESET_HELP.format(default="0.9", paper="0.9"))
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=PRESET_HELP.format(default=512, paper=1024))
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help=PRESET_HELP.format(default=256, paper=1024))
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help=PRESET_HELP.format(default=60, paper=100))
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Total optimiser steps; overrides --epochs (the paper: 250000).")

@@ -42,9 +42,9 @@ RUNS_ROOT = Path("cache/runs")
 
 # Optimiser presets. "paper": §4.1.3 (RMSProp, lr 1.6192e-5, momentum 0.9, batch 1024, no schedule
 # given; the paper ran 250,000 steps: --steps 250000). "default": AdamW with a cosine schedule that
-# converges in a few CPU minutes on ~10k items.
+# converges in a few CPU minutes on ~10k items; its batch of 256 was chosen on val (BENCHMARKS.md, round 4).
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4, momentum=0.9, batch_size=512, epochs=60,
+    "default": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4, momentum=0.9, batch_size=256, epochs=60,
                     steps=None, schedule="cosine"),
     "paper": dict(optimizer="rmsprop", lr=1.6192e-5, weight_decay=0.0, momentum=0.9, batch_size=1024, epochs=100,
                   steps=None, schedule="constant"),
@@ -67,7 +67,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # rmsprop and sgd
-    batch_size: int = 512
+    batch_size: int = 256
     epochs: int = 60
     steps: int | None = None  # total optimiser steps; when set it overrides epochs (last epoch may be partial)
     schedule: str = "cosine"  # cosine (to zero over the run) | constant
