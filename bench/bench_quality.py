@@ -15,8 +15,8 @@ Runs the `huse` commands exactly as a user would (this checkout's cli.py, the cu
 Every `huse eval` metric is reported as mean ± sample standard deviation over the seeds, with the
 wall-clock time of each stage and the machine. Finished steps are reused when the command is run
 again (the feature file is up to date; a run whose eval JSON exists and whose settings are today's
-defaults is not retrained; a run made with other settings is trained again), so an interrupted
-benchmark continues where it stopped.
+defaults is not retrained; an unfinished run, or one made with other settings, is moved aside to
+`<run>.old-<time>` and trained again), so an interrupted benchmark continues where it stopped.
 
     python bench/bench_quality.py --catalogue ../shared/datasets/myntra_fashion_small/catalogue.csv
 """
@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -75,12 +74,11 @@ def options(fields: dict[str, float]) -> list[str]:
 def is_current(run_dir: Path, fields: dict[str, float], seed: int) -> bool:
     """Whether a finished run was trained with today's defaults plus `fields` (so its eval may be reused)."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text())["train"]
-    except (OSError, ValueError, KeyError):
+        saved = asdict(TrainConfig.from_saved(json.loads((run_dir / "config.json").read_text())["train"]))
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, or made by another version's TrainConfig
         return False
     expected = asdict(TrainConfig(**fields, seed=seed))
-    ignore = ("device", "amp")
-    return all(saved.get(k) == v for k, v in expected.items() if k not in ignore)
+    return all(saved[k] == v for k, v in expected.items() if k not in ("device", "amp"))
 
 
 def machine() -> str:
@@ -154,9 +152,10 @@ def main() -> None:
             run_dir = work / "runs" / f"{variant}-seed{seed}"
             out = run_dir / "eval_test.json"
             if run_dir.exists() and not (out.exists() and is_current(run_dir, fields, seed)):
-                print(f"{run_dir}: unfinished or trained with other settings than today's defaults; training it again",
-                      flush=True)
-                shutil.rmtree(run_dir)
+                kept = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                print(f"{run_dir}: unfinished or trained with other settings than today's defaults; "
+                      f"moved to {kept.name} and trained again", flush=True)
+                run_dir.rename(kept)
             if not out.exists():
                 times.setdefault(f"train ({variant})", []).append(run(
                     ["train", "--features", feats, "--out", str(run_dir), "--seed", str(seed), *options(fields),
