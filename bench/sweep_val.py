@@ -10,7 +10,9 @@ and appends every run's full metrics to a JSON-lines log.
     python bench/sweep_val.py --features cache/myntra.h5 --seeds 0 1 \
         --grid '[{}, {"beta": 0, "gamma": 0}, {"margin_rule": "and"}]' --log cache/sweep.jsonl
 
-The feature file needs a graph (`huse build-graph`).
+The feature file needs a graph (`huse build-graph`). Runs of one configuration made by separate
+invocations (say seeds 0 1 in one, seed 2 in another) are joined into one row, without training,
+by `python bench/sweep_val.py --summarise cache/sweep.jsonl cache/sweep_seed2.jsonl`.
 """
 from __future__ import annotations
 
@@ -47,15 +49,49 @@ def score_on_val(model, fs: features.FeatureSet, device: torch.device) -> dict[s
     return result
 
 
+def table_row(label: str, runs: list[dict], seconds: float | None) -> str:
+    """One markdown row: per column the mean over `runs` and, with several runs, half their range."""
+    cells = []
+    for key in COLUMNS:
+        values = np.array([np.nan if r.get(key) is None else r[key] for r in runs], dtype=float)
+        mean = np.nanmean(values) if np.isfinite(values).any() else np.nan
+        spread = f" ±{(np.nanmax(values) - np.nanmin(values)) / 2:.3f}" if len(runs) > 1 else ""
+        cells.append(f"{mean:.3f}{spread}")
+    return f"| {label} | " + " | ".join(cells) + f" | {'' if seconds is None else f'{seconds:.0f}'} |"
+
+
+def summarise(logs: list[str]) -> None:
+    """Print one row per (feature file, options) found in the JSON-lines logs, over all its seeds."""
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for log in logs:
+        for line in Path(log).read_text().splitlines():
+            if line.strip():
+                run = json.loads(line)
+                key = (run["features"], json.dumps(run["options"], sort_keys=True))
+                groups.setdefault(key, {})[run["seed"]] = run  # a seed run twice counts once (the last)
+    print("| features | options | seeds | " + " | ".join(COLUMNS) + " | s/run |")
+    print("|---" * (len(COLUMNS) + 4) + "|")
+    for (feats, options), runs in groups.items():
+        seeds = sorted(runs)
+        print(table_row(f"`{feats}` | `{options}` | {' '.join(map(str, seeds))}", [runs[s] for s in seeds], None))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", required=True, help="feature file with a graph")
-    parser.add_argument("--grid", required=True, help="JSON list of option dicts, or @file.json")
+    parser.add_argument("--features", help="feature file with a graph")
+    parser.add_argument("--grid", help="JSON list of option dicts, or @file.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log", default=None, help="append every run's metrics here (JSON lines)")
+    parser.add_argument("--summarise", nargs="+", metavar="LOG",
+                        help="only join the runs in these --log files into rows (no training)")
     args = parser.parse_args()
+    if args.summarise:
+        summarise(args.summarise)
+        return
+    if not (args.features and args.grid):
+        parser.error("--features and --grid are required (unless --summarise)")
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = json.loads(Path(args.grid[1:]).read_text() if args.grid.startswith("@") else args.grid)
@@ -80,14 +116,8 @@ def main() -> None:
                     fh.write(json.dumps({"features": args.features, "options": options, "seed": seed,
                                          "best_epoch": max(history, key=lambda h: h.get(cfg.select_key, 0))["epoch"],
                                          **scores}) + "\n")
-        cells = []
-        for key in COLUMNS:
-            values = np.array([np.nan if r[key] is None else r[key] for r in runs], dtype=float)
-            mean = np.nanmean(values) if np.isfinite(values).any() else np.nan
-            spread = f" ±{(np.nanmax(values) - np.nanmin(values)) / 2:.3f}" if len(runs) > 1 else ""
-            cells.append(f"{mean:.3f}{spread}")
         seconds = (time.perf_counter() - start) / len(args.seeds)
-        print(f"| `{json.dumps(options)}` | " + " | ".join(cells) + f" | {seconds:.0f} |", flush=True)
+        print(table_row(f"`{json.dumps(options)}`", runs, seconds), flush=True)
 
 
 if __name__ == "__main__":
