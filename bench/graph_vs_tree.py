@@ -1,7 +1,9 @@
 """How far the semantic graph A (class-name text embeddings) agrees with the class tree.
 
 Prints the Spearman correlation between A and the tree distances over all class pairs, and A's
-mean / min / max for each tree distance (2 = siblings, 4 = cousins, ...).
+mean / min / max for each tree distance (2 = siblings, 4 = cousins, ...). Then, for margins ζ, how
+many class pairs of each tree distance have A < ζ: the pairs that the graph loss's OR rule pulls
+towards their A whatever their current distance.
 
     python bench/graph_vs_tree.py cache/feats.h5
 """
@@ -30,6 +32,9 @@ def main() -> None:
     for hops in np.unique(tree):
         sel = graph[tree == hops]
         print(f"tree distance {hops}: {len(sel)} pairs, A mean {sel.mean():.3f} min {sel.min():.3f} max {sel.max():.3f}")
+    for zeta in (0.3, 0.4, 0.5):
+        counts = ", ".join(f"{int(((graph < zeta) & (tree == hops)).sum())} at distance {hops}" for hops in np.unique(tree))
+        print(f"pairs with A < {zeta}: {counts}")
 
 
 if __name__ == "__main__":
