@@ -64,11 +64,19 @@ def summarise(logs: list[str]) -> None:
     """Print one row per (feature file, options) found in the JSON-lines logs, over all its seeds."""
     groups: dict[tuple[str, str], dict[int, dict]] = {}
     for log in logs:
-        for line in Path(log).read_text().splitlines():
+        try:
+            lines = Path(log).read_text().splitlines()
+        except OSError as exc:
+            sys.exit(f"cannot read sweep log {log}: {exc.strerror}")
+        for number, line in enumerate(lines, 1):
             if line.strip():
-                run = json.loads(line)
-                key = (run["features"], json.dumps(run["options"], sort_keys=True))
-                groups.setdefault(key, {})[run["seed"]] = run  # a seed run twice counts once (the last)
+                try:
+                    run = json.loads(line)
+                    key = (run["features"], json.dumps(run["options"], sort_keys=True))
+                    seed = run["seed"]
+                except (ValueError, KeyError, TypeError):
+                    sys.exit(f"{log}:{number} is not a run written by `sweep_val.py --log`")
+                groups.setdefault(key, {})[seed] = run  # a seed run twice counts once (the last)
     print("| features | options | seeds | " + " | ".join(COLUMNS) + " | s/run |")
     print("|---" * (len(COLUMNS) + 4) + "|")
     for (feats, options), runs in groups.items():
