@@ -428,12 +428,13 @@ def _open_parts_folder(folder: Path, job_settings: dict[str, Any], fingerprint: 
             old = json.loads(manifest.read_text())
         except (OSError, ValueError):
             old = None
-        foreign = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        finished = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != MANIFEST]
         if old is not None and old.get("fingerprint") == fingerprint:
             for tmp in folder.glob(".*.tmp"):  # temporary files of a killed run
                 tmp.unlink()
             return
-        if old is None and not foreign:  # killed before the manifest was written
+        if not finished:  # stopped before its first part (e.g. its weights failed to load): nothing to keep
+            log.info("discarding %s: an unfinished extraction with no finished part", folder)
             shutil.rmtree(folder)
         elif overwrite:
             log.info("--overwrite: discarding the unfinished run in %s made with other settings", folder)

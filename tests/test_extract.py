@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli
-from huse_pipeline import features
+from huse_pipeline import extract, features
 from huse_pipeline.encoders import StubImageEncoder, StubTextEncoder
 from huse_pipeline.errors import HuseError
 from huse_pipeline.extract import (
@@ -393,6 +393,23 @@ def test_unfinished_parts_with_other_settings_are_refused(catalogue, tmp_path, m
         extract_features(other)
     assert parts_folder(out).exists()
     summary = extract_features(other, overwrite=True)  # discards the other run's parts
+    assert summary["parts_reused"] == 0 and out.exists() and not parts_folder(out).exists()
+
+
+def test_a_run_that_failed_before_its_first_part_does_not_block_other_settings(catalogue, tmp_path, monkeypatch):
+    csv_path, _ = catalogue
+    out = tmp_path / "f.h5"
+    cfg = stub_config(csv_path, out)
+
+    def missing_weights(*args, **kwargs):
+        raise HuseError("the ImageNet weights are not installed")
+
+    monkeypatch.setattr(extract, "load_image_encoder", missing_weights)
+    with pytest.raises(HuseError, match="not installed"):
+        extract_features(cfg)
+    assert not out.exists() and not any(parts_folder(out).glob("part-*"))
+    monkeypatch.undo()
+    summary = extract_features(replace(cfg, seed=5))  # another choice, same --out, no --overwrite needed
     assert summary["parts_reused"] == 0 and out.exists() and not parts_folder(out).exists()
 
 
