@@ -11,7 +11,8 @@ and appends every run's full metrics to a JSON-lines log.
         --grid '[{}, {"beta": 0, "gamma": 0}, {"margin_rule": "and"}]' --log cache/sweep.jsonl
 
 The feature file needs a graph (`huse build-graph`). Runs of one configuration made by separate
-invocations (say seeds 0 1 in one, seed 2 in another) are joined into one row, without training,
+invocations (say seeds 0 1 in one, seed 2 in another) are joined into one row, without training
+(s/run is then the mean of the logged run times; logs written before runs were timed leave it empty),
 by `python bench/sweep_val.py --summarise cache/sweep.jsonl cache/sweep_seed2.jsonl`.
 """
 from __future__ import annotations
@@ -81,7 +82,9 @@ def summarise(logs: list[str]) -> None:
     print("|---" * (len(COLUMNS) + 4) + "|")
     for (feats, options), runs in groups.items():
         seeds = sorted(runs)
-        print(table_row(f"`{feats}` | `{options}` | {' '.join(map(str, seeds))}", [runs[s] for s in seeds], None))
+        timed = [runs[s]["seconds"] for s in seeds if runs[s].get("seconds") is not None]  # older logs hold none
+        seconds = sum(timed) / len(timed) if timed else None
+        print(table_row(f"`{feats}` | `{options}` | {' '.join(map(str, seeds))}", [runs[s] for s in seeds], seconds))
 
 
 def main() -> None:
@@ -115,6 +118,7 @@ def main() -> None:
         runs = []
         start = time.perf_counter()
         for seed in args.seeds:
+            run_start = time.perf_counter()
             cfg = make_config(**{**options, "seed": seed, "device": args.device})
             model, history = fit(fs, cfg)
             scores = score_on_val(model, fs, device)
@@ -123,7 +127,7 @@ def main() -> None:
                 with open(args.log, "a") as fh:
                     fh.write(json.dumps({"features": args.features, "options": options, "seed": seed,
                                          "best_epoch": max(history, key=lambda h: h.get(cfg.select_key, 0))["epoch"],
-                                         **scores}) + "\n")
+                                         "seconds": time.perf_counter() - run_start, **scores}) + "\n")
         seconds = (time.perf_counter() - start) / len(args.seeds)
         print(table_row(f"`{json.dumps(options)}`", runs, seconds), flush=True)
 

@@ -18,8 +18,9 @@ def sweep_val():
     return module
 
 
-def _run(sweep_val, seed: int, options: dict, value: float, features: str = "f.h5") -> dict:
-    return {"features": features, "options": options, "seed": seed, **{k: value for k in sweep_val.COLUMNS}}
+def _run(sweep_val, seed: int, options: dict, value: float, features: str = "f.h5", seconds=None) -> dict:
+    run = {"features": features, "options": options, "seed": seed, **{k: value for k in sweep_val.COLUMNS}}
+    return run if seconds is None else {**run, "seconds": seconds}
 
 
 def test_table_row_gives_mean_and_half_range(sweep_val):
@@ -36,13 +37,13 @@ def test_table_row_gives_mean_and_half_range(sweep_val):
 def test_summarise_joins_seeds_across_logs_and_keeps_configs_apart(sweep_val, tmp_path, capsys):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("\n".join(json.dumps(r) for r in [
-        _run(sweep_val, 0, {"beta": 0.1, "margin_rule": "or"}, 0.5),
-        _run(sweep_val, 1, {"beta": 0.1, "margin_rule": "or"}, 0.7),
+        _run(sweep_val, 0, {"beta": 0.1, "margin_rule": "or"}, 0.5, seconds=10.0),
+        _run(sweep_val, 1, {"beta": 0.1, "margin_rule": "or"}, 0.7, seconds=99.0),
         _run(sweep_val, 0, {}, 0.2)]) + "\n")
     # same options written in another key order, a third seed, and a repeated seed 1 that replaces the first
     b.write_text("\n".join(json.dumps(r) for r in [
-        _run(sweep_val, 2, {"margin_rule": "or", "beta": 0.1}, 0.9),
-        _run(sweep_val, 1, {"margin_rule": "or", "beta": 0.1}, 0.6),
+        _run(sweep_val, 2, {"margin_rule": "or", "beta": 0.1}, 0.9),  # an untimed (older) run
+        _run(sweep_val, 1, {"margin_rule": "or", "beta": 0.1}, 0.6, seconds=20.0),
         _run(sweep_val, 0, {}, 0.4, features="g.h5")]) + "\n")
     sweep_val.summarise([str(a), str(b)])
     rows = [line for line in capsys.readouterr().out.splitlines()[2:]]
@@ -51,4 +52,6 @@ def test_summarise_joins_seeds_across_logs_and_keeps_configs_apart(sweep_val, tm
     or_row = next(c for c in cells if "margin_rule" in c[1])
     assert or_row[2] == "0 1 2"
     assert or_row[3] == "0.667 ±0.200"  # mean of 0.5, 0.6, 0.9
+    assert or_row[-1] == "15"  # mean of the timed runs kept (10 and 20; the replaced 99 is gone)
+    assert all(c[-1] == "" for c in cells if c[1] == "`{}`")  # no run timed: left empty
     assert {(c[0], c[3]) for c in cells if c[1] == "`{}`"} == {("`f.h5`", "0.200"), ("`g.h5`", "0.400")}
