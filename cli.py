@@ -271,7 +271,11 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
 @click.option("--run", type=click.Path(file_okay=False), default=None,
               help="Run folder written by `huse train` (its best.pt is evaluated). Default: the latest run under cache/runs/.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Evaluate this checkpoint file instead of a run.")
-@click.option("--features", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES, help="Feature file to evaluate on.")
+@click.option("--features", type=click.Path(dir_okay=False), default=None,
+              help="Feature file to evaluate on. Default: the one the run was trained on, else cache/feats.h5.")
+@click.option("--other-features", is_flag=True,
+              help="Allow a feature file other than the one the model was trained on (its items may overlap the "
+                   "training items; the JSON records meta/features_match_training false).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", help="Items to evaluate.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Metrics JSON to write. Default: <run>/eval_<split>.json.")
 @click.option("--baselines", is_flag=True,

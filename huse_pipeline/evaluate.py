@@ -47,15 +47,17 @@ METRIC_KEYS = (
 BASELINE_KEYS = ("baseline/acc/image", "baseline/acc/text", "baseline/acc/fused", "baseline/fusion_weight") + tuple(
     f"baseline/{t}/{m}" for t in IN_MODAL_TASKS for m in RETRIEVAL_METRICS)
 # Provenance, so the JSON says what it measured.
-META_KEYS = ("meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "meta/fusion_weight_source",
-             "meta/eval_time_s")
+META_KEYS = ("meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "meta/features_match_training",
+             "meta/fusion_weight_source", "meta/eval_time_s")
+DEFAULT_FEATURES = "cache/feats.h5"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     run: str | None = None  # run folder (uses its best.pt); default: the latest run under runs_dir
     checkpoint: str | None = None  # or a checkpoint file
-    features: str = "cache/feats.h5"
+    features: str | None = None  # default: the file the run was trained on (its config.json), else cache/feats.h5
+    other_features: bool = False  # allow a feature file other than the one the checkpoint was trained on
     split: str = "test"
     out: str | None = None  # default: <run>/eval_<split>.json
     baselines: bool = False  # also train the separate-model baselines and score raw features
@@ -292,15 +294,45 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def resolve_features(cfg: EvalConfig, run_dir: Path | None) -> str:
+    """--features if given; else the feature file the run was trained on, if it is still there;
+    else cache/feats.h5."""
+    if cfg.features:
+        return cfg.features
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())["features"] if run_dir else None
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = None
+    if saved and Path(saved).is_file():
+        return str(saved)
+    return DEFAULT_FEATURES
+
+
+def check_same_items(ckpt: dict[str, Any], fs: features.FeatureSet, cfg: EvalConfig) -> bool:
+    """Whether `fs` holds the items (features, labels, splits) the checkpoint was trained on. If not,
+    its test items may be the model's training items, so this refuses unless --other-features."""
+    if "features_digest" not in ckpt or ckpt["features_digest"] == features.features_digest(fs):
+        return True
+    message = (f"{fs.path} is not the feature file this model was trained on (its items, features or splits "
+               "differ), so its evaluation items may include items the model was trained on")
+    if not cfg.other_features:
+        raise HuseError(f"{message}. Pass --features with the training file (the run's config.json names it), "
+                        "or --other-features to evaluate on this file anyway (say, another catalogue)")
+    log.warning("%s (--other-features)", message)
+    return False
+
+
 def run_evaluation(cfg: EvalConfig) -> EvalResult:
     """Evaluate a checkpoint on one split; write the JSON (and the report); return everything."""
     start = time.perf_counter()
     ckpt_path, run_dir = resolve_checkpoint(cfg)
     ckpt = load_checkpoint(ckpt_path)
+    cfg = replace(cfg, features=resolve_features(cfg, run_dir))
     attrs = features.read_attrs(cfg.features)
     class_names = features.read_class_names(cfg.features)
     check_compatible(ckpt, attrs, class_names, cfg.features)
     fs = features.read_features(cfg.features, views=cfg.baselines)  # the baselines train like the run did
+    same_items = check_same_items(ckpt, fs, cfg)
     items = _split_items(fs, cfg.split)
     val_items = fs.indices("val")
     val_items = val_items if len(val_items) else None
@@ -332,6 +364,7 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
         "meta/n_items": int(len(items)),
         "meta/checkpoint": str(ckpt_path.resolve()),
         "meta/features": str(Path(cfg.features).resolve()),
+        "meta/features_match_training": same_items,
         "meta/fusion_weight_source": source,
         "meta/eval_time_s": round(time.perf_counter() - start, 3),
     })
@@ -377,6 +410,8 @@ def format_table(m: dict[str, Any]) -> str:
     has_base = "baseline/acc/image" in m
     lines = [f"split {m.get('meta/split', '?')}: {m.get('meta/n_items', '?')} items; "
              f"fusion weight (image) {_fmt(m['fusion_weight'], 2)}, {m.get('meta/fusion_weight_source', '')}", ""]
+    if m.get("meta/features_match_training") is False:
+        lines[1:1] = ["WARNING: not the feature file the model was trained on (--other-features)"]
     rows = [["accuracy", _fmt(m["acc/image"]), _fmt(m["acc/text"]), _fmt(m["acc/fused"]), _fmt(m["acc/fused@0.5"])],
             ["top-5 accuracy", _fmt(m["acc5/image"]), _fmt(m["acc5/text"]), "", ""],
             ["macro accuracy", _fmt(m["macro_acc/image"]), _fmt(m["macro_acc/text"]), "", ""]]

@@ -22,6 +22,7 @@ leaves a file that looks complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -363,3 +364,13 @@ def write_graph(
             h = f.create_group("hierarchy")
             h.create_dataset("tree_dist", data=np.asarray(tree_dist, dtype=np.int64))
             h.create_dataset("nodes", data=np.asarray(list(nodes), dtype=object), dtype=_STR)
+
+
+def features_digest(fs: FeatureSet) -> str:
+    """A content hash of the items (features, labels, splits): a run records it, so that --resume
+    and `huse eval` can tell the feature file it was trained on from another."""
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (fs.image_emb, fs.text_emb, fs.labels):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(map(str, fs.split)).encode())
+    return h.hexdigest()

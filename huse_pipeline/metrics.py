@@ -140,7 +140,9 @@ def class_retrieval_per_query(
       in the gallery (a class with one item, in-modal) are undefined (NaN) and left out of means.
     - MAP@R: see `map_at_r`, same exclusion.
     - HP@k: see `hierarchical_precision`; defined for every query.
-    - severity: see `mistake_severity`; defined for the queries whose top-1 is wrong.
+    - severity: see `mistake_severity`; defined for the queries whose top-1 is wrong, except
+      those with no relevant item in the gallery, whose top-1 cannot be right (a forced mistake
+      says nothing about the space).
     """
     hits = ranked_labels == query_labels[:, None]  # (Q, K)
     defined = n_relevant > 0
@@ -149,7 +151,7 @@ def class_retrieval_per_query(
     out["MAP@R"] = map_at_r(hits, n_relevant)
     for k, sets in hp_sets.items():
         out[f"HP@{k}"] = hierarchical_precision(ranked_labels, query_labels, sets, k)
-    out["severity"] = mistake_severity(ranked_labels[:, 0], query_labels, tree_dist)
+    out["severity"] = torch.where(defined, mistake_severity(ranked_labels[:, 0], query_labels, tree_dist), nan)
     return out
 
 

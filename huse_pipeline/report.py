@@ -405,12 +405,13 @@ def write_report(result: "EvalResult", fs: FeatureSet, cfg: "EvalConfig") -> Pat
     nav = "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{_esc(title)}</h2>{content}</section>' for sid, title, content in sections)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    other = " (<strong>not the training file</strong>)" if m.get("meta/features_match_training") is False else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>HUSE evaluation: {_esc(m.get("meta/split", ""))}</title><style>{CSS}</style></head>
 <body><main>
 <h1>HUSE evaluation — {_esc(m.get("meta/split", ""))} split, {m.get("meta/n_items", "?")} items</h1>
-<p class="meta">checkpoint <code>{_esc(result.checkpoint)}</code> · features <code>{_esc(m.get("meta/features", ""))}</code>
+<p class="meta">checkpoint <code>{_esc(result.checkpoint)}</code> · features <code>{_esc(m.get("meta/features", ""))}</code>{other}
  · {len(fs.class_names)} classes · metrics JSON <code>{_esc(result.out)}</code> · huse-pipeline {__version__} · {stamp}</p>
 <nav>{nav}</nav>
 {body}

@@ -6,7 +6,6 @@ bit-reproducible on CPU. `fit` trains in memory; `train` adds the run folder (se
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import HuseError
-from .features import FeatureSet, read_features
+from .features import FeatureSet, features_digest, read_features
 from .losses import GRAPH_PAIRS, MARGIN_RULES, classification_loss, huse_loss
 from .plots import training_curves
 from .model import HuseModel, ModelConfig, check_compatible, feature_meta, load_checkpoint, save_checkpoint
@@ -201,15 +200,6 @@ def _to_device(fs: FeatureSet, cfg: TrainConfig, device: torch.device) -> _Devic
         view_emb=view_emb,
         view_row=view_row,
     )
-
-
-def features_digest(fs: FeatureSet) -> str:
-    """A content hash of the items (features, labels, splits) so --resume refuses another file."""
-    h = hashlib.blake2b(digest_size=16)
-    for arr in (fs.image_emb, fs.text_emb, fs.labels):
-        h.update(np.ascontiguousarray(arr).tobytes())
-    h.update("\n".join(map(str, fs.split)).encode())
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------- training

@@ -36,8 +36,8 @@ CONTRACT_KEYS = (
 CONTRACT_BASELINE_KEYS = ["baseline/acc/image", "baseline/acc/text", "baseline/acc/fused", "baseline/fusion_weight"] + [
     f"baseline/{t}/{m}" for t in ["img2img", "txt2txt"]
     for m in ["R@1", "R@5", "R@10", "MAP@R", "HP@2", "HP@5", "HP@10", "severity"]]
-META_KEYS = ["meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "meta/fusion_weight_source",
-             "meta/eval_time_s"]
+META_KEYS = ["meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "meta/features_match_training",
+             "meta/fusion_weight_source", "meta/eval_time_s"]
 MAY_BE_NULL = {f"{t}/severity" for t in TASKS} | {f"baseline/{t}/severity" for t in ("img2img", "txt2txt")}
 
 
@@ -94,7 +94,8 @@ def build_eval_fixture(root: Path, names: list[str] = NAMES, graph: bool = True,
     model = tiny_model(fs, steps=train_steps)
     run = root / "runs" / "20240101-000000"
     save_checkpoint(run / "best.pt", model, fs.class_names, feature_meta(fs.attrs),
-                    train_config={"epochs": 2, "lr": 0.01}, epoch=2, step=20, metrics={})
+                    train_config={"epochs": 2, "lr": 0.01}, epoch=2, step=20, metrics={},
+                    features_digest=features.features_digest(fs))
     history = [{"epoch": e, "step": 10 * e, "time_s": 1.0 * e, "train/loss": 3.0 / e, "train/class": 2.0 / e,
                 "train/graph": 0.5 / e, "train/gap": 0.5 / e, "val/acc/image": 0.3 * e, "val/acc/text": 0.35 * e,
                 "val/acc/fused": 0.4 * e} for e in (1, 2)]
@@ -174,6 +175,32 @@ def test_mismatched_checkpoint_is_refused_naming_the_difference(fixture_paths, t
     enc = build_eval_fixture(tmp_path / "enc", image_encoder="resnet18", train_steps=1)
     with pytest.raises(HuseError, match="image_encoder"):
         evaluate(EvalConfig(checkpoint=str(fixture_paths["checkpoint"]), features=str(enc["features"]), device="cpu"))
+
+
+def test_eval_defaults_to_the_runs_own_feature_file(fixture_paths, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no cache/feats.h5 here: the run's config.json must be followed
+    result = run_evaluation(EvalConfig(run=str(fixture_paths["run"]), device="cpu", out=str(tmp_path / "m.json")))
+    assert result.metrics["meta/features"] == str(fixture_paths["features"].resolve())
+    assert result.metrics["meta/features_match_training"] is True
+
+
+def test_a_feature_file_with_other_splits_is_refused_unless_asked(fixture_paths, tmp_path):
+    """Same encoders and classes, but items moved between splits: the model's training items could be
+    scored as test items. It used to be evaluated silently."""
+    fs = features.read_features(fixture_paths["features"])
+    split = np.array(fs.split, dtype=object)
+    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    split[train[:3]], split[test[:3]] = "test", "train"
+    moved = tmp_path / "moved.h5"
+    features.write_synthetic(moved, fs.image_emb, fs.text_emb, [fs.class_names[k] for k in fs.labels], list(split),
+                             attrs={"image_encoder": "synthetic"})
+    cfg = EvalConfig(checkpoint=str(fixture_paths["checkpoint"]), features=str(moved), device="cpu",
+                     out=str(tmp_path / "m.json"))
+    with pytest.raises(HuseError, match="not the feature file this model was trained on.*--other-features"):
+        evaluate(cfg)
+    m = evaluate(replace(cfg, other_features=True))
+    assert m["meta/features_match_training"] is False and m["meta/n_items"] == len(test)
+    assert "not the feature file the model was trained on" in format_table(m)
 
 
 def test_cli_eval_prints_the_table_and_writes_json(fixture_paths, tmp_path):

@@ -78,7 +78,7 @@ def reference_class_metrics(sim: np.ndarray, labels: np.ndarray, in_modal: bool,
             radius = sorted(tree[labels[q]])[min(k, n_classes) - 1]
             ok = [tree[labels[q], labels[j]] <= radius for j in order[:k]]
             per[f"HP@{k}"].append(sum(ok) / len(ok))
-        if labels[order[0]] != labels[q]:
+        if r and labels[order[0]] != labels[q]:  # a lone in-modal query's mistake is forced: left out
             per["severity"].append(tree[labels[q], labels[order[0]]])
     return {k: (float(np.nanmean(v)) if len(v) and not np.all(np.isnan(v)) else None) for k, v in per.items()}
 
@@ -130,6 +130,21 @@ def test_identity_similarity_gives_perfect_scores():
     assert got["severity"] is None  # no top-1 is wrong
     # HP@2: S_2(x) = {x, y}; a query of x retrieves its 1 classmate then 2+ other items
     assert got["HP@2"] == 1.0
+
+
+def test_a_lone_in_modal_query_has_no_severity():
+    """A class with one item cannot retrieve a classmate in-modal: its wrong top-1 is forced and
+    must not count as a mistake of the space (it did: R@1 1.0 next to severity 2.0)."""
+    labels = torch.tensor([0, 0, 1])
+    tree = torch.as_tensor(Hierarchy(("a<x", "b<y")).tree_distance())
+    emb = torch.eye(2)[labels]  # perfectly separated classes
+    got = retrieval_metrics(emb, emb, labels, True, tree, 2)
+    assert got["R@1"] == 1.0 and got["severity"] is None
+    # a real mistake next to the lone query still counts, and only it
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    got = retrieval_metrics(emb, emb, torch.tensor([0, 0, 1, 2]), True,
+                            torch.as_tensor(Hierarchy(("a<x", "a<z", "b<y")).tree_distance()), 3)
+    assert got["severity"] == pytest.approx(2.0)  # item 1 (a<x) -> a<z, distance 2; the lone a<z and b<y queries left out
 
 
 def test_permuted_identity_cross_modal():
