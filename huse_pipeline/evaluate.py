@@ -102,14 +102,22 @@ class EvalResult:
 # ------------------------------------------------------------------------------ locating runs
 
 
+TRAINING_FILES = ("best.pt", "last.pt", "metrics.jsonl")  # written by `huse train` only
+
+
+def _trained_at(run: Path) -> float:
+    """When `huse train` last wrote to the run (not the folder's time, which an eval JSON moves)."""
+    return max((run / name).stat().st_mtime for name in TRAINING_FILES if (run / name).is_file())
+
+
 def latest_run(runs_dir: str | Path) -> Path:
-    """The most recently modified folder under `runs_dir` that holds a best.pt."""
+    """The run under `runs_dir` (a folder with a best.pt) that was trained most recently."""
     runs_dir = Path(runs_dir)
     runs = [p for p in runs_dir.glob("*") if (p / "best.pt").is_file()] if runs_dir.is_dir() else []
     if not runs:
         raise HuseError(f"no run with a best.pt under {runs_dir}/: train one with `huse train`, "
                         "or pass --run DIR or --checkpoint FILE")
-    return max(runs, key=lambda p: (p.stat().st_mtime, p.name))
+    return max(runs, key=lambda p: (_trained_at(p), p.name))
 
 
 def resolve_checkpoint(cfg: EvalConfig) -> tuple[Path, Path | None]:

@@ -150,6 +150,21 @@ def test_default_run_and_output_path(fixture_paths, tmp_path):
         evaluate(EvalConfig(run="x", checkpoint="y"))
 
 
+def test_latest_run_is_the_last_trained_not_the_last_evaluated(tmp_path):
+    import os
+
+    old, new = tmp_path / "20240101-000000", tmp_path / "20240102-000000"
+    for run, t in ((old, 1_000_000), (new, 2_000_000)):
+        run.mkdir()
+        for name in ("best.pt", "last.pt", "metrics.jsonl"):
+            (run / name).write_text("x")
+            os.utime(run / name, (t, t))
+        os.utime(run, (t, t))
+    (old / "eval_test.json").write_text("{}")  # evaluating the older run moves its folder's time to now
+    assert old.stat().st_mtime > new.stat().st_mtime
+    assert latest_run(tmp_path) == new
+
+
 def test_missing_split_and_missing_val_and_graph(tmp_path):
     paths = build_eval_fixture(tmp_path, graph=False, splits={"train": 6, "test": 3}, train_steps=5)
     m = evaluate(_cfg(paths))
