@@ -129,24 +129,28 @@ def gap_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
 
 
 def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor,
-              text_logits: torch.Tensor, labels: torch.Tensor, class_dist: torch.Tensor, *,
+              text_logits: torch.Tensor, labels: torch.Tensor, class_dist: torch.Tensor | None, *,
               alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0, margin: float = 0.5,
               margin_rule: str = "and", pairs: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The total loss (Eq. 5) and its parts {"class", "graph", "gap"} (unweighted) for logging.
 
     Shapes as in the parts: embeddings (B, D) L2-normalised, logits (B, C), labels (B,), class_dist (C, C).
-    A part whose weight is 0 is still reported but computed without a graph (no backward cost).
+    A part whose weight is 0 is still reported but computed without a graph (no backward cost);
+    without a semantic graph (class_dist None, allowed only at beta 0) there is no "graph" part.
     """
+    if class_dist is None and beta:
+        raise HuseError("the semantic-graph loss (beta > 0) needs a graph: run `huse build-graph` first")
     def part(weight: float, fn, *args, **kwargs) -> torch.Tensor:
         if weight:
             return fn(*args, **kwargs)
         with torch.no_grad():
             return fn(*args, **kwargs)
 
-    parts = {
-        "class": part(alpha, classification_loss, image_logits, text_logits, labels),
-        "graph": part(beta, graph_loss, image_emb, text_emb, labels, class_dist, margin, margin_rule, pairs),
-        "gap": part(gamma, gap_loss, image_emb, text_emb),
-    }
-    total = alpha * parts["class"] + beta * parts["graph"] + gamma * parts["gap"]
-    return total, parts
+    parts = {"class": part(alpha, classification_loss, image_logits, text_logits, labels)}
+    if class_dist is not None:
+        parts["graph"] = part(beta, graph_loss, image_emb, text_emb, labels, class_dist, margin, margin_rule, pairs)
+    parts["gap"] = part(gamma, gap_loss, image_emb, text_emb)
+    total = alpha * parts["class"]
+    if "graph" in parts:
+        total = total + beta * parts["graph"]
+    return total + gamma * parts["gap"], parts

@@ -295,7 +295,7 @@ def _check_resumable(ckpt: dict[str, Any], fs: FeatureSet, cfg: TrainConfig) -> 
     if ckpt.get("features_digest") != features_digest(fs):
         raise HuseError(f"{fs.path} holds different items or features than the run being resumed was trained on; "
                         "resume with the original feature file or start a new run")
-    saved = ckpt["train_config"]
+    saved = {**FIELDS_ADDED_LATER, **ckpt["train_config"]}  # as from_saved: a field it lacks had its old value
     changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in asdict(cfg).items()
                if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
     if changed:

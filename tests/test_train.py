@@ -208,6 +208,9 @@ def test_missing_graph_says_to_run_build_graph(tmp_path):
     with pytest.raises(HuseError, match="huse build-graph"):
         fit(features.read_features(path), small())
     fit(features.read_features(path), small(epochs=1, modality="text"))  # the baseline needs no graph
+    # beta 0 needs no graph either: the graph part is left out of the log (it was a bare AttributeError)
+    _, history = fit(features.read_features(path), small(epochs=1, beta=0.0))
+    assert "train/graph" not in history[0] and math.isfinite(history[0]["train/loss"])
 
 
 def test_non_finite_features_are_refused(tmp_path):
@@ -334,3 +337,21 @@ def test_a_run_saved_before_input_dropout_existed_keeps_training_without_it():
     assert make_config().image_input_dropout == 0.3  # today's default is unchanged
     new = asdict(make_config(image_input_dropout=0.2))
     assert TrainConfig.from_saved(new).image_input_dropout == 0.2  # a saved value always wins
+
+
+def test_a_run_saved_before_input_dropout_existed_can_be_resumed(feats, tmp_path):
+    """Its checkpoint's train_config lacks the field; --resume must read it as 0, not refuse with
+    'cannot change image_input_dropout (None -> 0.0)'."""
+    fs = features.read_features(feats, views=True)
+    cfg = small(epochs=1, image_input_dropout=0.0)
+    fit(fs, cfg, tmp_path / "run")
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "run" / name, weights_only=False)
+        del ckpt["train_config"]["image_input_dropout"]
+        torch.save(ckpt, tmp_path / "run" / name)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    del config["train"]["image_input_dropout"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    _, resumed = train.resume_config(tmp_path / "run", {"epochs": 2})
+    _, history = fit(fs, resumed, tmp_path / "run", resume=True)
+    assert [h["epoch"] for h in history] == [1, 2]
