@@ -364,6 +364,16 @@ def _top_level(class_names: list[str], sep: str, labels: np.ndarray) -> tuple[np
     return np.asarray([index.get(n, len(keep) - 1) for n in item_top]), keep
 
 
+def _top_level_of_predictions(class_top: list[str], names: list[str], pred: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Column index per prediction for the heatmap whose rows are `names` (from `_top_level`): a
+    predicted class whose top level is not a row goes to "(other)", added if there is none yet."""
+    names = list(names)
+    if "(other)" not in names and any(class_top[c] not in names for c in pred):
+        names.append("(other)")
+    index = {n: i for i, n in enumerate(names)}
+    return np.asarray([index.get(class_top[c], len(names) - 1) for c in pred], dtype=np.int64), names
+
+
 # ------------------------------------------------------------------------------------ the page
 
 
@@ -380,9 +390,7 @@ def write_report(result: "EvalResult", fs: FeatureSet, cfg: "EvalConfig") -> Pat
     # top-level heatmap over every class (both true and predicted map through the same table)
     all_top = Hierarchy(tuple(fs.class_names), sep).ancestor_at(1)
     top_true, top_names = _top_level(fs.class_names, sep, labels)
-    name_index = {n: i for i, n in enumerate(top_names)}
-    other = len(top_names) - 1
-    top_pred = np.asarray([name_index.get(all_top[c], other) for c in pred])
+    top_pred, heat_names = _top_level_of_predictions(all_top, top_names, pred)
 
     log.info("report: 2-D map (%s)", cfg.report_map)
     xy, sample, method = space_map(result, cfg.report_map, cfg.report_max_items, cfg.seed)
@@ -392,7 +400,7 @@ def write_report(result: "EvalResult", fs: FeatureSet, cfg: "EvalConfig") -> Pat
         ("metrics", "Metrics", metrics_section(m)),
         ("per-class", "Per-class accuracy", per_class_section(result, fs.class_names)),
         ("confusion", "Confusion between top-level classes",
-         _img(_png(confusion_figure(top_true, top_pred, top_names)), "top-level confusion heatmap")
+         _img(_png(confusion_figure(top_true, top_pred, heat_names)), "top-level confusion heatmap")
          + '<p class="note">Rows: true top-level class; columns: the top-level class of the fused prediction; '
          "colour = fraction of the row, numbers = items.</p>"),
         ("map", "The universal space",

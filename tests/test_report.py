@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from test_evaluate import build_eval_fixture, fake_train_module
 
-from huse_pipeline.report import _top_level
+from huse_pipeline.report import _top_level, _top_level_of_predictions
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,15 @@ def test_top_level_folding():
     assert (top == 20).sum() == 5
     top, kept = _top_level(["a<x", "a<y", "b<z"], "<", np.array([0, 1, 2, 2]))
     assert kept == ["a", "b"] and top.tolist() == [0, 0, 1, 1]
+
+
+def test_a_prediction_outside_the_splits_top_levels_goes_to_other():
+    """Top level c has no item in the split, so it is no row; a prediction of c<w used to be drawn as
+    the last row's class (b)."""
+    class_top = ["a", "a", "b", "c"]  # a<x, a<y, b<z, c<w
+    cols, names = _top_level_of_predictions(class_top, ["a", "b"], np.array([0, 2, 3]))
+    assert names == ["a", "b", "(other)"] and cols.tolist() == [0, 1, 2]
+    cols, names = _top_level_of_predictions(class_top, ["a", "b"], np.array([1, 2]))
+    assert names == ["a", "b"] and cols.tolist() == [0, 1]  # nothing outside: no empty (other) column
+    cols, names = _top_level_of_predictions(class_top, ["a", "(other)"], np.array([2, 3]))
+    assert names == ["a", "(other)"] and cols.tolist() == [1, 1]  # folded rare top levels
