@@ -60,12 +60,16 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
     Images with more than `max_pixels` pixels are refused before decoding. Raises `BadImage`.
     """
     path = Path(path)
-    if not path.exists():
-        raise BadImage("missing file")
-    if not path.is_file():
-        raise BadImage("not a file")
-    if path.stat().st_size == 0:
-        raise BadImage("empty file")
+    try:
+        if not path.exists():
+            raise BadImage("missing file")
+        if not path.is_file():
+            raise BadImage("not a file")
+        if path.stat().st_size == 0:
+            raise BadImage("empty file")
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a folder we may not enter
+        log.debug("cannot stat %s: %s", path, exc)
+        raise BadImage(f"unusable path ({getattr(exc, 'strerror', None) or exc})") from exc
     try:
         with _no_pillow_bomb_check():
             im = Image.open(path)

@@ -76,6 +76,11 @@ def test_unusable_files_give_stable_reasons(tmp_path):
             load_rgb(tmp_path / name)
         assert info.value.reason == reason, name
     assert load_rgb(good).size == (160, 120)
+    # paths the OS refuses outright (a text put in the image column, say) are bad rows, not a crash
+    with pytest.raises(BadImage, match=r"unusable path \(File name too long\)"):
+        load_rgb(tmp_path / ("x" * 300 + ".jpg"))
+    with pytest.raises(BadImage):  # "missing file" or "unusable path", by Python version
+        load_rgb(str(tmp_path / "nul\0byte.jpg"))
 
 
 def test_pixel_limit_is_configurable(tmp_path):
