@@ -5,9 +5,11 @@ Labels are class paths (`apparel<topwear<tshirts`, `kitchen<mugs` or a flat `mug
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,29 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _header_width(path: Path) -> int:
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        return len(next(csv.reader(fh), []))
+
+
+def _refuse_extra_fields(path: Path, n_columns: int) -> None:
+    """Some rows have more fields than the header. Trailing empty fields (a comma at the end of a
+    line) are harmless and dropped; a non-empty one means the row's fields are shifted (a text with
+    an unquoted comma, say), which would silently misread its label, so refuse naming the lines."""
+    bad: list[int] = []
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh)
+        end = 0
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if any(field.strip() for field in record[n_columns:]):
+                bad.append(start)
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise HuseError(f"catalogue {path}: {len(bad)} row(s) have more fields than the header's {n_columns} "
+                        f"(CSV line {shown}); a text containing a comma must be quoted, e.g. \"Shirt, blue\"")
+
+
 def read_catalogue(
     path: str | Path,
     image_root: str | Path | None = None,
@@ -85,9 +110,16 @@ def read_catalogue(
     if not path.is_file():
         raise HuseError(f"catalogue {path} does not exist (expected a CSV with columns image,text,label[,split])")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        with warnings.catch_warnings(record=True) as caught:  # rows longer than the header
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            # index_col=False: a trailing comma on every row must not turn the first column into the index
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        if isinstance(exc, pd.errors.ParserError):
+            _refuse_extra_fields(path, _header_width(path))  # the likely cause, said plainly
         raise HuseError(f"cannot read catalogue {path} as CSV: {exc}") from exc
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        _refuse_extra_fields(path, len(frame.columns))
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:

@@ -127,7 +127,7 @@ def csv_line_numbers(path: Path, n_rows: int) -> list[int]:
         end = 0
         for record in reader:
             start, end = end + 1, reader.line_num
-            if record and any(field.strip() for field in record):  # pandas skips blank lines
+            if len(record) > 1 or (record and record[0].strip()):  # pandas skips blank lines only, not ",,"
                 lines.append(start)
     lines = lines[1:]  # the header
     return lines if len(lines) == n_rows else [r + 2 for r in range(n_rows)]

@@ -56,6 +56,21 @@ def test_missing_file_and_empty_csv(tmp_path):
         read_catalogue(header_only)
 
 
+def test_trailing_commas_are_harmless_but_an_unquoted_comma_is_refused(tmp_path):
+    path = tmp_path / "trailing.csv"
+    path.write_text("image,text,label\na.jpg,Roadster Yellow Flip Flops,footwear<flip flops,\nb.jpg,Tee,a<t,\n")
+    cat = read_catalogue(path)  # used to shift every column: the first one became the index
+    assert list(cat.frame["image"]) == ["a.jpg", "b.jpg"]
+    assert list(cat.frame["label"]) == ["footwear<flip flops", "a<t"]
+    shifted = tmp_path / "shifted.csv"
+    shifted.write_text('image,text,label\na.jpg,"Tee, red",a<t\nb.jpg,Shirt, blue,a<s\nc.jpg,Cap,b<c\n')
+    with pytest.raises(HuseError, match=r"1 row\(s\) have more fields than the header's 3 \(CSV line 3\).*quoted"):
+        read_catalogue(shifted)  # pandas' own error here: "Expected 3 fields in line 3, saw 4"
+    shifted.write_text('image,text,label\nb.jpg,Shirt, blue,a<s\nc.jpg,Cap,b<c\n')
+    with pytest.raises(HuseError, match=r"1 row\(s\) have more fields than the header's 3 \(CSV line 2\)"):
+        read_catalogue(shifted)  # here pandas dropped the label silently ("blue" became the label)
+
+
 def test_bad_split_values_fail_with_rows(tmp_path):
     frame = pd.DataFrame({"image": ["a", "b"], "text": ["x", "y"], "label": ["a<b", "a<c"], "split": ["train", "tset"]})
     with pytest.raises(HuseError, match=r"row 3: 'tset'"):

@@ -182,6 +182,9 @@ def test_csv_line_numbers_follow_quoted_newlines(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text('image,text,label\na.jpg,"two\nlines",x\n\nb.jpg,one,y\n')
     assert csv_line_numbers(path, 2) == [2, 5]
+    # a row of empty fields is a row to pandas (only blank lines are skipped): counting it keeps the lines true
+    path.write_text('image,text,label\na.jpg,"two\nlines",x\n,,\n\n   \nb.jpg,one,y\n')
+    assert csv_line_numbers(path, 3) == [2, 4, 7]
 
 
 # ------------------------------------------------------------------------------- end to end
