@@ -419,6 +419,13 @@ def _check_existing_out(out: Path, fingerprint: str, settings: dict[str, Any], o
     return None  # the old file stays until the merge replaces it atomically
 
 
+def _manifest_fingerprint(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _open_parts_folder(folder: Path, job_settings: dict[str, Any], fingerprint: str, n_rows: int, part_rows: int,
                        overwrite: bool) -> None:
     """Create the parts folder with its manifest, or check that an existing one is this run's."""
@@ -496,10 +503,17 @@ def extract_features(cfg: ExtractConfig, overwrite: bool = False) -> dict[str, A
     settings = _settings(cfg, catalogue, resolve_device(cfg.device))
     fingerprint = _fingerprint(settings)
     folder = parts_folder(out)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a merge or build-graph killed before its rename
+        log.info("removing %s, left by a killed run", stale)
+        stale.unlink(missing_ok=True)
     attrs = _check_existing_out(out, fingerprint, settings, overwrite)
     if attrs is not None:
-        if folder.exists():  # killed after the merge, before the clean-up
-            shutil.rmtree(folder)
+        if folder.exists():
+            if _manifest_fingerprint(folder) == fingerprint:  # killed after the merge, before the clean-up
+                shutil.rmtree(folder)
+            else:  # another settings' unfinished run (started with --overwrite): its parts are not ours to drop
+                log.warning("%s is up to date; %s holds an unfinished extraction with other settings, left as it is",
+                            out, folder)
         log.debug("%s is up to date: nothing to do", out)
         return {"up_to_date": True, **_summary_from_attrs(out, attrs)}
 

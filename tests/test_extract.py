@@ -436,9 +436,23 @@ def test_interrupted_overwrite_keeps_the_old_file_and_resumes(catalogue, tmp_pat
         extract_features(replace(cfg, image_fit="crop"), overwrite=True)
     monkeypatch.undo()
     assert out.read_bytes() == old  # nothing replaced until the new file is complete
+    # the old command again: up to date, and the new run's finished part is not its to delete (it was)
+    assert extract_features(cfg)["up_to_date"] is True
+    assert any(parts_folder(out).glob("part-*"))
     summary = extract_features(replace(cfg, image_fit="crop"), overwrite=True)
     assert summary["parts_reused"] == 1
     assert features.read_attrs(out)["extract_config"]["image_fit"] == "crop"
+
+
+def test_a_temporary_file_left_by_a_killed_merge_is_removed(catalogue, tmp_path):
+    csv_path, _ = catalogue
+    out = tmp_path / "f.h5"
+    stale = tmp_path / ".f.h5.k1ll3d.tmp"  # what atomic_path leaves when the process is killed mid-write
+    stale.write_bytes(b"x" * 1000)
+    keep = tmp_path / ".g.h5.abc.tmp"  # another output's: not ours
+    keep.write_bytes(b"y")
+    extract_features(stub_config(csv_path, out))
+    assert not stale.exists() and keep.exists() and out.exists()
 
 
 def test_resume_after_sigkill_gives_the_same_file(tmp_path):
