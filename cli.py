@@ -25,6 +25,10 @@ class HuseGroup(click.Group):
             return super().invoke(ctx)
         except HuseError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # an unwritable --out, a full disk, a read-only mount: say which file, not a traceback
+            logging.getLogger("huse_pipeline").debug("file system error", exc_info=True)
+            where = f"{exc.strerror}: {exc.filename}" if exc.filename and exc.strerror else str(exc)
+            raise click.ClickException(f"{where} (`huse -vv ...` shows the traceback)") from exc
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished work is kept; run the same command again to continue.", err=True)
             sys.exit(130)

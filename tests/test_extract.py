@@ -339,6 +339,16 @@ def test_second_run_is_up_to_date_and_other_settings_are_refused(catalogue, tmp_
     assert result.exit_code == 1 and "--overwrite" in result.output and "Traceback" not in result.output
 
 
+def test_an_unwritable_out_is_a_one_line_error(catalogue, tmp_path):
+    csv_path, _ = catalogue
+    (tmp_path / "a_file").write_text("x")
+    result = CliRunner().invoke(cli.main, ["extract-features", "--catalogue", str(csv_path), "--out",
+                                           str(tmp_path / "a_file" / "f.h5"), "--image-encoder", "stub",
+                                           "--text-encoder", "stub", "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Error: Not a directory" in result.output and "a_file" in result.output  # click's message, not an exception
+
+
 def test_foreign_file_at_out_is_refused(catalogue, tmp_path):
     csv_path, _ = catalogue
     out = tmp_path / "f.h5"
