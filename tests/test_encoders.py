@@ -114,6 +114,10 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path):
         load_image_encoder("resnet18", "cpu", weights=str(tensor))
     with pytest.raises(HuseError, match=r"is not a file"):
         load_image_encoder("resnet18", "cpu", weights=str(tmp_path / "nope.pt"))
+    # the same for EfficientNet-Lite (a bare RuntimeError with pages of key names before)
+    with pytest.raises(HuseError, match=r"is not an efficientnet-lite0 state_dict.*leave --image-weights out"):
+        load_image_encoder("efficientnet-lite0", "cpu", weights=str(other))
+    assert load_image_encoder("efficientnet-lite0", "cpu", weights="imagenet").weights.endswith(".pth")
 
 
 def test_missing_torchvision_weights_list_the_options(tmp_path, monkeypatch):
