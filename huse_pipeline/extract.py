@@ -447,7 +447,11 @@ def _open_parts_folder(folder: Path, job_settings: dict[str, Any], fingerprint: 
             log.info("--overwrite: discarding the unfinished run in %s made with other settings", folder)
             shutil.rmtree(folder)
         else:
-            diff = ", ".join(_differences(old.get("settings", {}), job_settings)[:8]) if old else "no manifest"
+            changed = _differences(old.get("settings", {}), job_settings) if old else []
+            if changed == ["catalogue_sha256"]:  # the same CSV file, edited (say, fixed after --strict)
+                raise HuseError(f"{folder} holds an unfinished extraction of this catalogue as it was before its "
+                                "CSV changed; use --overwrite to discard it and start again.")
+            diff = ", ".join(changed[:8]) + " differ" if changed else "no manifest"
             raise HuseError(
                 f"{folder} holds an unfinished extraction made with different settings ({diff}). Run that "
                 "command again to finish it, or use --overwrite to discard it."

@@ -402,11 +402,27 @@ def test_unfinished_parts_with_other_settings_are_refused(catalogue, tmp_path, m
         extract_features(cfg)
     monkeypatch.undo()
     other = replace(cfg, seed=5)
-    with pytest.raises(HuseError, match=r"unfinished extraction made with different settings \(config.seed\).*--overwrite"):
+    with pytest.raises(HuseError, match=r"unfinished extraction made with different settings \(config.seed differ\).*--overwrite"):
         extract_features(other)
     assert parts_folder(out).exists()
     summary = extract_features(other, overwrite=True)  # discards the other run's parts
     assert summary["parts_reused"] == 0 and out.exists() and not parts_folder(out).exists()
+
+
+def test_unfinished_parts_of_an_edited_catalogue_say_so(catalogue, tmp_path, monkeypatch):
+    """After `--strict` stops a run and the CSV is fixed, "run that command again" cannot be followed."""
+    csv_path, _ = catalogue
+    edited = tmp_path / "edited.csv"
+    shutil.copyfile(csv_path, edited)
+    out = tmp_path / "f.h5"
+    cfg = stub_config(edited, out, image_root=str(Path(csv_path).parent))
+    _fail_after_parts(monkeypatch, 1, out)
+    with pytest.raises(RuntimeError):
+        extract_features(cfg)
+    monkeypatch.undo()
+    edited.write_text(edited.read_text() + "\n")  # one more blank line: same rows, new bytes
+    with pytest.raises(HuseError, match=r"as it was before its CSV changed; use --overwrite"):
+        extract_features(cfg)
 
 
 def test_a_run_that_failed_before_its_first_part_does_not_block_other_settings(catalogue, tmp_path, monkeypatch):
