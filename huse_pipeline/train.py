@@ -106,6 +106,11 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise HuseError(f"{name} must be positive, got {getattr(self, name)}")
+        weights = {k: getattr(self, k) for k in ("alpha", "beta", "gamma", "zeta", "lr", "weight_decay")}
+        if not all(math.isfinite(v) for v in weights.values()):
+            raise HuseError(f"loss weights, margin and optimiser settings must be finite numbers, got {weights}")
+        if not 0 <= self.zeta <= 2:
+            raise HuseError(f"zeta is a margin on cosine distances, which lie in [0, 2]; got {self.zeta}")
         if self.steps is not None and self.steps <= 0:
             raise HuseError(f"steps must be positive, got {self.steps}")
         if min(self.alpha, self.beta, self.gamma, self.weight_decay, self.patience, self.image_layers,

@@ -248,6 +248,10 @@ def test_bad_config_values_are_clear_errors():
         TrainConfig(graph_pairs="diagonal")
     with pytest.raises(HuseError, match="unknown preset"):
         make_config("fast")
+    with pytest.raises(HuseError, match=r"zeta is a margin on cosine distances.*-0.1"):
+        TrainConfig(zeta=-0.1)
+    with pytest.raises(HuseError, match="finite"):
+        TrainConfig(beta=float("nan"))  # nan passed the ">= 0" check
     paper = make_config("paper", batch_size=32)
     assert paper.optimizer == "rmsprop" and paper.lr == 1.6192e-5 and paper.batch_size == 32 and paper.preset == "paper"
 
