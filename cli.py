@@ -73,13 +73,12 @@ def _default_catalogue() -> str:
 
 
 def _check_image_encoder(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from huse_pipeline.encoders import split_encoder_names
+    from huse_pipeline.encoders import ENCODER_JOIN, split_encoder_names
 
     try:
-        split_encoder_names(value)
+        return ENCODER_JOIN.join(split_encoder_names(value))  # " a + b" -> "a+b": one spelling, one fingerprint
     except HuseError as exc:
         raise click.BadParameter(str(exc)) from exc
-    return value
 
 
 def _echo_summary(title: str, summary: dict) -> None:

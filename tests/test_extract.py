@@ -300,6 +300,16 @@ def test_cli_rejects_unknown_image_encoder_without_traceback(tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "f.h5").exists()
 
 
+def test_cli_image_encoder_spelling_is_normalised(catalogue, tmp_path):
+    """' stub' passed the option check but failed when loading ("unknown image encoder ' stub'")."""
+    csv_path, _ = catalogue
+    result = CliRunner().invoke(cli.main, ["extract-features", "--catalogue", str(csv_path), "--out", str(tmp_path / "f.h5"),
+                                           "--image-encoder", " stub ", "--text-encoder", "stub", "--device", "cpu",
+                                           "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert features.read_attrs(tmp_path / "f.h5")["image_encoder"] == "stub"
+
+
 def test_image_root_option(tmp_path):
     images = tmp_path / "elsewhere"
     images.mkdir()
