@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-items", type=int, default=300)
     args = parser.parse_args(argv)
-    csv_path = make_demo_catalogue(args.out, seed=args.seed, n_items=args.n_items)
+    try:
+        csv_path = make_demo_catalogue(args.out, seed=args.seed, n_items=args.n_items)
+    except ValueError as exc:  # too few items for the classes
+        parser.error(str(exc))
     print(f"wrote {csv_path} ({args.n_items} items)")
     return 0
 
