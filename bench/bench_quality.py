@@ -16,7 +16,8 @@ Runs the `huse` commands exactly as a user would (this checkout's cli.py, the cu
 Every `huse eval` metric is reported as mean ± sample standard deviation over the seeds, with the
 wall-clock time of each stage and the machine. Finished steps are reused when the command is run
 again (the feature file is up to date; a run whose eval JSON exists and whose settings are today's
-defaults is not retrained, and reports the stage times saved when it ran; an unfinished run, or one
+defaults is not retrained, and reports the stage times saved when it ran; `--re-eval` evaluates
+such runs again, after a change to `huse eval`; an unfinished run, or one
 made with other settings, is moved aside to `<run>.old-<time>` and trained again), so an
 interrupted benchmark continues where it stopped.
 
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"), help="file to write the table into")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--re-eval", action="store_true",
+                        help="evaluate reused runs again (after a change to `huse eval`); their training is kept")
     args = parser.parse_args()
     if len(args.seeds) < 3:
         print("note: fewer than 3 seeds; the spread will say little", file=sys.stderr)
@@ -162,12 +165,18 @@ def main() -> None:
                       f"moved to {kept.name} and trained again", flush=True)
                 run_dir.rename(kept)
             timing = run_dir / "bench_seconds.json"  # this run's stage times, kept for later invocations
+            extra = ["--baselines"] if variant == "huse" else []
+            eval_stage = "eval --baselines (huse)" if extra else "eval"
             if not out.exists():
-                extra = ["--baselines"] if variant == "huse" else []
                 seconds = {f"train ({variant})": run(
                     ["train", "--features", feats, "--out", str(run_dir), "--seed", str(seed), *options(fields),
                      *device], log)}
-                seconds["eval --baselines (huse)" if extra else "eval"] = run(
+                seconds[eval_stage] = run(
+                    ["eval", "--run", str(run_dir), "--features", feats, "--out", str(out), *extra, *device], log)
+                timing.write_text(json.dumps(seconds))
+            elif args.re_eval:
+                seconds = json.loads(timing.read_text()) if timing.exists() else {}
+                seconds[eval_stage] = run(
                     ["eval", "--run", str(run_dir), "--features", feats, "--out", str(out), *extra, *device], log)
                 timing.write_text(json.dumps(seconds))
             if timing.exists():
