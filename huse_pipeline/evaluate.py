@@ -341,6 +341,10 @@ def run_evaluation(cfg: EvalConfig) -> EvalResult:
     check_compatible(ckpt, attrs, class_names, cfg.features)
     fs = features.read_features(cfg.features, views=cfg.baselines)  # the baselines train like the run did
     same_items = check_same_items(ckpt, fs, cfg)
+    modality = (ckpt.get("train_config") or {}).get("modality", "both")
+    if modality != "both":
+        log.warning("this checkpoint was trained with --modality %s: the other tower, and every text-side or "
+                    "cross-modal metric, come from untrained weights", modality)
     items = _split_items(fs, cfg.split)
     val_items = fs.indices("val")
     val_items = val_items if len(val_items) else None
