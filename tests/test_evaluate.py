@@ -218,6 +218,21 @@ def test_a_feature_file_with_other_splits_is_refused_unless_asked(fixture_paths,
     assert "not the feature file the model was trained on" in format_table(m)
 
 
+def test_a_single_modality_checkpoint_is_flagged(fixture_paths, tmp_path, caplog):
+    ckpt = torch.load(fixture_paths["checkpoint"], weights_only=False)
+    ckpt["train_config"] = {**ckpt["train_config"], "modality": "image"}
+    path = tmp_path / "image_only.pt"
+    torch.save(ckpt, path)
+    with caplog.at_level("WARNING"):
+        evaluate(EvalConfig(checkpoint=str(path), features=str(fixture_paths["features"]), device="cpu",
+                            out=str(tmp_path / "m.json")))
+    assert "trained with --modality image" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate(_cfg(fixture_paths, out=str(tmp_path / "n.json")))
+    assert "--modality" not in caplog.text
+
+
 def test_cli_eval_prints_the_table_and_writes_json(fixture_paths, tmp_path):
     from cli import main
 
