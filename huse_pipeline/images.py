@@ -202,7 +202,11 @@ def fit_image(im: Image.Image, size: int, fit: str = "pad") -> Image.Image:
         scale = short / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         left, top = (nw - size) // 2, (nh - size) // 2
-        return _resize(im, (nw, nh)).crop((left, top, left + size, top + size))
+        # resize only the source region of the crop (box, in source pixels): resizing the whole image
+        # first would allocate all of it at the new scale, gigabytes for a 4 x 8000 strip
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return im.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
     if fit == "squash":
         return _resize(im, (size, size))
     raise ValueError(f"unknown image fit {fit!r}; choose one of {', '.join(IMAGE_FITS)}")

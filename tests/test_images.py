@@ -239,6 +239,22 @@ def test_crop_takes_the_centre():
     assert np.abs(px[:, 2:-2] - RED).max() <= 2
 
 
+def test_crop_resizes_only_the_cropped_region():
+    """Same pixels as resizing the whole image and cropping (to rounding), without allocating the
+    whole image at the new scale: a 4 x 8000 strip would have become 256 x 512,000 (1.2 GB peak)."""
+    from huse_pipeline.images import RESAMPLE
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).resize((400, 300), Image.BICUBIC)
+    short = round(64 / 0.875)
+    whole = photo.resize((round(400 * short / 300), short), RESAMPLE)
+    left = (whole.width - 64) // 2
+    reference = _rgb(whole.crop((left, (short - 64) // 2, left + 64, (short - 64) // 2 + 64)))
+    assert np.abs(_rgb(fit_image(photo, 64, "crop")) - reference).max() <= 3
+    strip = fit_image(Image.new("RGB", (4, 8000), RED), 224, "crop")
+    assert strip.size == (224, 224) and np.abs(_rgb(strip) - RED).max() <= 2
+
+
 def test_squash_keeps_everything_and_loses_the_aspect():
     px = _rgb(fit_image(_two_halves(200, 100), 64, "squash"))
     assert px.shape == (64, 64, 3)
