@@ -9,11 +9,10 @@ from pathlib import Path
 
 import click
 
-from huse_pipeline import __version__
+from huse_pipeline import DEFAULT_FEATURES, __version__
 from huse_pipeline.errors import HuseError
 
 DEMO_CATALOGUE = Path(__file__).resolve().parent / "data" / "catalogue.csv"
-DEFAULT_FEATURES = "cache/feats.h5"
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 

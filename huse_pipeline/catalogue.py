@@ -12,6 +12,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -69,23 +70,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _header_width(path: Path) -> int:
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        return len(next(csv.reader(fh), []))
-
-
-def _refuse_extra_fields(path: Path, n_columns: int) -> None:
-    """Some rows have more fields than the header. Trailing empty fields (a comma at the end of a
-    line) are harmless and dropped; a non-empty one means the row's fields are shifted (a text with
-    an unquoted comma, say), which would silently misread its label, so refuse naming the lines."""
-    bad: list[int] = []
+def csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line on which it starts, fields) of every record of a CSV, header and blank lines
+    included; quoted newlines are followed, so the line is the one an editor shows."""
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
         reader = csv.reader(fh)
         end = 0
         for record in reader:
             start, end = end + 1, reader.line_num
-            if any(field.strip() for field in record[n_columns:]):
-                bad.append(start)
+            yield start, record
+
+
+def _refuse_extra_fields(path: Path) -> None:
+    """Some rows have more fields than the header. Trailing empty fields (a comma at the end of a
+    line) are harmless and dropped; a non-empty one means the row's fields are shifted (a text with
+    an unquoted comma, say), which would silently misread its label, so refuse naming the lines."""
+    bad: list[int] = []
+    n_columns: int | None = None  # the header's width
+    for line, record in csv_records(path):
+        if n_columns is None:
+            n_columns = len(record)
+        elif any(field.strip() for field in record[n_columns:]):
+            bad.append(line)
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise HuseError(f"catalogue {path}: {len(bad)} row(s) have more fields than the header's {n_columns} "
@@ -116,10 +122,10 @@ def read_catalogue(
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         if isinstance(exc, pd.errors.ParserError):
-            _refuse_extra_fields(path, _header_width(path))  # the likely cause, said plainly
+            _refuse_extra_fields(path)  # the likely cause, said plainly
         raise HuseError(f"cannot read catalogue {path} as CSV: {exc}") from exc
     if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
-        _refuse_extra_fields(path, len(frame.columns))
+        _refuse_extra_fields(path)
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:

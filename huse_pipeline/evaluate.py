@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import features, metrics
+from . import DEFAULT_FEATURES, features, metrics
 from .errors import HuseError
 from .hierarchy import Hierarchy, hierarchical_sets
 from .model import HuseModel, check_compatible, load_checkpoint, model_from_checkpoint
@@ -49,7 +49,6 @@ BASELINE_KEYS = ("baseline/acc/image", "baseline/acc/text", "baseline/acc/fused"
 # Provenance, so the JSON says what it measured.
 META_KEYS = ("meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "meta/features_match_training",
              "meta/fusion_weight_source", "meta/eval_time_s")
-DEFAULT_FEATURES = "cache/feats.h5"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ merged into `--out` atomically at the end.
 """
 from __future__ import annotations
 
-import csv
+import glob
 import hashlib
 import json
 import logging
@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import __version__, features
-from .catalogue import Catalogue, file_sha256, read_catalogue
+from . import DEFAULT_FEATURES, __version__, features
+from .catalogue import Catalogue, csv_records, file_sha256, read_catalogue
 from .encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
 from .errors import HuseError
 from .images import IMAGE_FITS, CatalogueImages, ImageTransform, collate_images
@@ -43,7 +43,7 @@ class ExtractConfig:
     """Everything that determines a feature file; stored as JSON in its attributes."""
 
     catalogue: str
-    out: str = "cache/feats.h5"
+    out: str = DEFAULT_FEATURES
     image_root: str | None = None  # default: the catalogue's folder
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     image_weights: str | None = None  # local checkpoint; ResNets: None/"imagenet" = torchvision's weights
@@ -121,14 +121,8 @@ def csv_line_numbers(path: Path, n_rows: int) -> list[int]:
 
     Falls back to row + 2 when the csv module and pandas disagree on the number of rows.
     """
-    lines: list[int] = []
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        reader = csv.reader(fh)
-        end = 0
-        for record in reader:
-            start, end = end + 1, reader.line_num
-            if len(record) > 1 or (record and record[0].strip()):  # pandas skips blank lines only, not ",,"
-                lines.append(start)
+    lines = [line for line, record in csv_records(path)
+             if len(record) > 1 or (record and record[0].strip())]  # pandas skips blank lines only, not ",,"
     lines = lines[1:]  # the header
     return lines if len(lines) == n_rows else [r + 2 for r in range(n_rows)]
 
@@ -419,11 +413,13 @@ def _check_existing_out(out: Path, fingerprint: str, settings: dict[str, Any], o
     return None  # the old file stays until the merge replaces it atomically
 
 
-def _manifest_fingerprint(folder: Path) -> str | None:
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The parts folder's manifest, or None if it is missing or unreadable."""
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+        old = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
+    return old if isinstance(old, dict) else None
 
 
 def _open_parts_folder(folder: Path, job_settings: dict[str, Any], fingerprint: str, n_rows: int, part_rows: int,
@@ -431,10 +427,7 @@ def _open_parts_folder(folder: Path, job_settings: dict[str, Any], fingerprint: 
     """Create the parts folder with its manifest, or check that an existing one is this run's."""
     manifest = folder / MANIFEST
     if folder.exists():
-        try:
-            old = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            old = None
+        old = _read_manifest(folder)
         finished = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name != MANIFEST]
         if old is not None and old.get("fingerprint") == fingerprint:
             for tmp in folder.glob(".*.tmp"):  # temporary files of a killed run
@@ -507,13 +500,13 @@ def extract_features(cfg: ExtractConfig, overwrite: bool = False) -> dict[str, A
     settings = _settings(cfg, catalogue, resolve_device(cfg.device))
     fingerprint = _fingerprint(settings)
     folder = parts_folder(out)
-    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a merge or build-graph killed before its rename
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):  # a merge or build-graph killed before its rename
         log.info("removing %s, left by a killed run", stale)
         stale.unlink(missing_ok=True)
     attrs = _check_existing_out(out, fingerprint, settings, overwrite)
     if attrs is not None:
         if folder.exists():
-            if _manifest_fingerprint(folder) == fingerprint:  # killed after the merge, before the clean-up
+            if (_read_manifest(folder) or {}).get("fingerprint") == fingerprint:  # killed after the merge, before the clean-up
                 shutil.rmtree(folder)
             else:  # another settings' unfinished run (started with --overwrite): its parts are not ours to drop
                 log.warning("%s is up to date; %s holds an unfinished extraction with other settings, left as it is",

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import features
+from . import DEFAULT_FEATURES, features
 from .encoders import TextEncoder, load_text_encoder
 from .errors import HuseError
 from .hierarchy import Hierarchy
@@ -27,7 +27,7 @@ GRAPH_METHODS = ("semantic", "tree")
 
 @dataclass(frozen=True)
 class GraphConfig:
-    features: str = "cache/feats.h5"
+    features: str = DEFAULT_FEATURES
     method: str = "semantic"  # semantic | tree
     class_text: str = "leaf-path"  # leaf | path | leaf-path: how a class path becomes text
     text_encoder: str | None = None  # default: the text encoder that made the feature file
