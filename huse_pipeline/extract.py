@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from . import DEFAULT_FEATURES, __version__, features
 from .catalogue import Catalogue, csv_records, file_sha256, read_catalogue
-from .encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, ImageEncoder, TextEncoder, load_image_encoder, load_text_encoder
+from .encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, IMAGE_POOLS, ImageEncoder, TextEncoder, load_image_encoder,
+                       load_text_encoder)
 from .errors import HuseError
 from .images import IMAGE_FITS, CatalogueImages, ImageTransform, collate_images
 from .text import describe as describe_text
@@ -36,6 +37,9 @@ MANIFEST = "manifest.json"
 PARTS_FORMAT = "huse-feature-parts"
 # ExtractConfig fields that change how the work runs but not what is written
 EXECUTION_ONLY = ("out", "num_workers", "strict", "device")
+# ExtractConfig fields added after feature files were first written, with the value every older file
+# was made with: at that value they stay out of the settings, so older files stay up to date
+FIELDS_ADDED_LATER: dict[str, Any] = {"image_pool": "avg"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ExtractConfig:
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     image_weights: str | None = None  # local checkpoint; ResNets: None/"imagenet" = torchvision's weights
     image_fit: str = "pad"  # pad | crop | squash: how an image becomes the encoder's square input
+    image_pool: str = "avg"  # avg | avg+mid: which feature maps are pooled into the features
     text_encoder: str = DEFAULT_TEXT_ENCODER
     augment_views: int = 0  # extra augmented views per training image
     label_sep: str = "<"
@@ -135,7 +140,8 @@ def _settings(cfg: ExtractConfig, catalogue: Catalogue, device: torch.device) ->
     weights_sha = None
     if cfg.image_weights not in (None, "imagenet"):
         weights_sha = file_sha256(Path(cfg.image_weights))
-    config = {k: v for k, v in asdict(cfg).items() if k not in EXECUTION_ONLY}
+    config = {k: v for k, v in asdict(cfg).items()
+              if k not in EXECUTION_ONLY and not (k in FIELDS_ADDED_LATER and v == FIELDS_ADDED_LATER[k])}
     return {
         "config": config,
         "device_type": device.type,
@@ -168,6 +174,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 def _validate(cfg: ExtractConfig) -> None:
     if cfg.image_fit not in IMAGE_FITS:
         raise HuseError(f"unknown --image-fit {cfg.image_fit!r}; choose one of {', '.join(IMAGE_FITS)}")
+    if cfg.image_pool not in IMAGE_POOLS:
+        raise HuseError(f"unknown --image-pool {cfg.image_pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
     for name in ("batch_size", "part_rows", "max_image_pixels"):
         if getattr(cfg, name) < 1:
             raise HuseError(f"--{name.replace('_', '-')} must be at least 1")
@@ -227,7 +235,7 @@ def load_job(cfg: ExtractConfig, catalogue: Catalogue | None = None) -> Extracti
     if catalogue is None:
         catalogue = _read(cfg)
     device = resolve_device(cfg.device)
-    image_encoder = load_image_encoder(cfg.image_encoder, device, cfg.image_weights)
+    image_encoder = load_image_encoder(cfg.image_encoder, device, cfg.image_weights, cfg.image_pool)
     text_encoder = load_text_encoder(cfg.text_encoder, device)
     transform = ImageTransform(size=image_encoder.input_size, fit=cfg.image_fit, max_pixels=cfg.max_image_pixels, seed=cfg.seed)
     settings = _settings(cfg, catalogue, device)

@@ -189,3 +189,61 @@ def test_concatenation_names_are_checked(tmp_path):
         load_image_encoder("stub+efficientnet-lite0", "cpu", weights=str(tmp_path))
     with pytest.raises(HuseError, match=r"concatenation of encoders"):
         load_image_encoder("stub+efficientnet-lite0", "cpu").classify(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+
+
+def _grid_cell_means(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C * 4): the mean of each cell of a 2x2 grid by plain slicing, channel-major.
+    Cells are cut as adaptive pooling cuts them: rows floor(i * H / 2) to ceil((i + 1) * H / 2), so an
+    odd side (7) gives overlapping cells (0-3 and 3-6)."""
+    b, c, h, w = maps.shape
+    out = torch.zeros(b, c, 2, 2, dtype=torch.float64)
+    for i in range(2):
+        for j in range(2):
+            rows = slice(i * h // 2, -(-(i + 1) * h // 2))
+            cols = slice(j * w // 2, -(-(j + 1) * w // 2))
+            out[:, :, i, j] = maps[:, :, rows, cols].double().mean(dim=(2, 3))
+    return out.flatten(1)
+
+
+@pytest.mark.parametrize("name, mid_block, mid_channels", [("efficientnet-lite0", 14, 192), ("efficientnet-lite2", 19, 208)])
+def test_avg_mid_pool_appends_the_previous_stage_on_a_2x2_grid(name, mid_block, mid_channels, photo_files):
+    """--image-pool avg+mid: the plain features first, unchanged, then the output of the last block
+    before the final stage (captured here by a hook on the plain network) averaged over 2x2 cells."""
+    plain, both = load_image_encoder(name, "cpu"), load_image_encoder(name, "cpu", pool="avg+mid")
+    assert both.dim == 1280 + 4 * mid_channels and both.describe()["image_pool"] == "avg+mid"
+    assert "image_pool" not in plain.describe()  # what files written before the option say
+    x = torch.stack([ImageTransform(size=plain.input_size)(photo_files[p]) for p in PHOTOS])
+    captured = []
+    hook = plain.network._blocks[mid_block].register_forward_hook(lambda module, args, out: captured.append(out))
+    head = plain.encode(x)
+    hook.remove()
+    (mid,) = captured
+    assert mid.shape[1] == mid_channels and mid.shape[-1] % 2 == 1  # 7x7 (Lite0) / 9x9 (Lite2): overlapping cells
+    got = both.encode(x)
+    assert got.shape == (len(PHOTOS), both.dim)
+    np.testing.assert_allclose(got[:, :1280].numpy(), head.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, 1280:].numpy(), _grid_cell_means(mid).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_avg_mid_pool_for_a_resnet_uses_layer3(tmp_path, photo_files):
+    ckpt = tmp_path / "r18.pt"
+    torch.save(_random_resnet18().state_dict(), ckpt)
+    plain = load_image_encoder("resnet18", "cpu", weights=str(ckpt))
+    both = load_image_encoder("resnet18", "cpu", weights=str(ckpt), pool="avg+mid")
+    assert both.dim == 512 + 4 * 256
+    x = torch.stack([ImageTransform(size=224)(photo_files[p]) for p in PHOTOS])
+    captured = []
+    hook = plain.network.layer3.register_forward_hook(lambda module, args, out: captured.append(out))
+    head = plain.encode(x)
+    hook.remove()
+    got = both.encode(x)
+    np.testing.assert_allclose(got[:, :512].numpy(), head.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, 512:].numpy(), _grid_cell_means(captured[0]).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_concatenated_encoders_pool_every_member_alike():
+    both = load_image_encoder("efficientnet-lite0+efficientnet-lite2", "cpu", pool="avg+mid")
+    assert [m.pool for m in both.members] == ["avg+mid", "avg+mid"] and both.pool == "avg+mid"
+    assert both.dim == (1280 + 4 * 192) + (1280 + 4 * 208) == 4160
+    with pytest.raises(HuseError, match="unknown --image-pool 'max'"):
+        load_image_encoder("efficientnet-lite0", "cpu", pool="max")

@@ -604,3 +604,23 @@ def test_real_catalogue_sample(tmp_path):
     assert fs.image_emb.shape == (64, 2560) and fs.text_emb.shape == (64, 384)
     assert np.isfinite(fs.image_emb).all() and np.isfinite(fs.text_emb).all()
     assert fs.attrs["image_root"] == str(real_csv.parent.resolve())
+
+
+def test_image_pool_avg_mid_through_the_cli(catalogue, reference, tmp_path):
+    """--image-pool avg+mid writes the plain features followed by the grid-pooled mid map, says so in
+    the file, and counts as other settings; the default leaves the settings as they were before the
+    option existed, so older feature files stay up to date."""
+    csv_path, _ = catalogue
+    out = tmp_path / "f.h5"
+    args = ["extract-features", "--catalogue", str(csv_path), "--out", str(out), "--image-encoder", "stub",
+            "--text-encoder", "stub", "--device", "cpu", "--num-workers", "0", "--image-pool", "avg+mid"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    got, ref = features.read_features(out), features.read_features(reference[2])
+    assert got.image_emb.shape == (len(ref.row), 16 + 4 * 3) and got.attrs["image_pool"] == "avg+mid"
+    np.testing.assert_array_equal(got.row, ref.row)
+    np.testing.assert_allclose(got.image_emb[:, :16], ref.image_emb, rtol=1e-5, atol=1e-6)
+    assert got.attrs["settings"]["config"]["image_pool"] == "avg+mid"
+    assert "image_pool" not in features.read_attrs(reference[2])["settings"]["config"]
+    bad = CliRunner().invoke(cli.main, args[:-1] + ["max"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
