@@ -104,9 +104,10 @@ def _echo_summary(title: str, summary: dict) -> None:
 @click.option("--image-fit", type=click.Choice(["pad", "crop", "squash"]), default="pad",
               help="How an image becomes the square network input: pad (whole product, white borders), crop "
                    "(ImageNet centre crop), squash (resize, aspect ratio lost).")
-@click.option("--image-pool", type=click.Choice(["avg", "avg+mid"]), default="avg", show_default=True,
-              help="avg: the global average of the CNN's last feature map. avg+mid: also the stage before it, "
-                   "averaged over a 2x2 grid (coarse layout; same cost, e.g. 1280 + 768 dims for Lite0).")
+@click.option("--image-pool", type=click.Choice(["avg", "avg+mid"]), default="avg+mid", show_default=True,
+              help="avg+mid: the global average of the CNN's last feature map, then the stage before it averaged "
+                   "over a 2x2 grid (coarse layout; same cost; 1280 + 768 dims for Lite0). avg: the global average "
+                   "alone (files made before this option).")
 @click.option("--text-encoder", default="all-MiniLM-L6-v2",
               help="sentence-transformers model name or folder (stub: a deterministic test encoder). Longer texts "
                    "are reduced by the paper's per-example TF-IDF selection, never truncated.")

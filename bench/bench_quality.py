@@ -188,8 +188,9 @@ def main() -> None:
 
     config = json.loads((work / "runs" / f"huse-seed{args.seeds[0]}" / "config.json").read_text())
     attrs_cmd = [sys.executable, "-c", "import json,sys; from huse_pipeline.features import read_attrs; "
-                 "a = read_attrs(sys.argv[1]); print(json.dumps({k: a.get(k) for k in ('image_encoder', 'text_encoder', "
-                 "'augment_views', 'n_items', 'split_counts')}))", feats]
+                 "a = {'image_pool': 'avg', **read_attrs(sys.argv[1])}; print(json.dumps({k: a.get(k) for k in "
+                 "('image_encoder', 'image_pool', 'image_dim', 'text_encoder', 'augment_views', 'n_items', 'split_counts')}))",
+                 feats]  # a file without image_pool was made before the option, with the plain global average
     feature_info = subprocess.run(attrs_cmd, capture_output=True, text=True, cwd=REPO).stdout.strip()
     body = [
         "### Results (test split, mean ± standard deviation over seeds " + ", ".join(map(str, args.seeds)) + ")",

@@ -36,6 +36,7 @@ ENCODER_JOIN = "+"  # "efficientnet-lite0+efficientnet-lite2": features concaten
 # avg: global average of the last feature map. avg+mid: also the output of the stage before it,
 # averaged over a 2x2 grid (coarse layout and mid-level texture; the same forward pass)
 IMAGE_POOLS = ("avg", "avg+mid")
+DEFAULT_IMAGE_POOL = "avg+mid"  # chosen on the real catalogue's val split (BENCHMARKS.md, round 6)
 MID_GRID = 2
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)

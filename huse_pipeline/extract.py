@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from . import DEFAULT_FEATURES, __version__, features
 from .catalogue import Catalogue, csv_records, file_sha256, read_catalogue
-from .encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, IMAGE_POOLS, ImageEncoder, TextEncoder, load_image_encoder,
-                       load_text_encoder)
+from .encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_IMAGE_POOL, DEFAULT_TEXT_ENCODER, IMAGE_POOLS, ImageEncoder,
+                       TextEncoder, load_image_encoder, load_text_encoder)
 from .errors import HuseError
 from .images import IMAGE_FITS, CatalogueImages, ImageTransform, collate_images
 from .text import describe as describe_text
@@ -52,7 +52,7 @@ class ExtractConfig:
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     image_weights: str | None = None  # local checkpoint; ResNets: None/"imagenet" = torchvision's weights
     image_fit: str = "pad"  # pad | crop | squash: how an image becomes the encoder's square input
-    image_pool: str = "avg"  # avg | avg+mid: which feature maps are pooled into the features
+    image_pool: str = DEFAULT_IMAGE_POOL  # avg | avg+mid: which feature maps are pooled into the features
     text_encoder: str = DEFAULT_TEXT_ENCODER
     augment_views: int = 0  # extra augmented views per training image
     label_sep: str = "<"

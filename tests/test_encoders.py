@@ -95,7 +95,9 @@ def test_image_weights_option_end_to_end(tmp_path, photo_files):
     net.fc = torch.nn.Identity()
     with torch.no_grad():
         expected = net((x.float() - IMAGENET_MEAN) / IMAGENET_STD).numpy()
-    np.testing.assert_allclose(fs.image_emb, expected, rtol=1e-4, atol=1e-4)
+    # the default pooling avg+mid: torchvision's pooled features first, then layer3 on a 2x2 grid
+    assert fs.image_emb.shape == (len(PHOTOS), 512 + 4 * 256)
+    np.testing.assert_allclose(fs.image_emb[:, :512], expected, rtol=1e-4, atol=1e-4)
     assert fs.attrs["image_weights"] == str(weights) and fs.attrs["settings"]["image_weights_sha256"]
 
 
@@ -153,8 +155,9 @@ def test_minilm_embeds_paraphrases_close():
 
 
 def test_concatenated_encoders_give_each_members_features(tmp_path, photo_files):
-    """`a+b` through stage one: the stored features are a's then b's, each network at its own input
-    size (Lite0 224, Lite2 260), from one decoding of each image at the larger size."""
+    """`a+b` through stage one (default pooling avg+mid): the stored features are a's then b's, each
+    network at its own input size (Lite0 224, Lite2 260), from one decoding of each image at the
+    larger size."""
     csv_path = tmp_path / "c.csv"
     rows = [f"{photo_files[p]},photo of {p},things<{p},train" for p in PHOTOS]
     csv_path.write_text("image,text,label,split\n" + "\n".join(rows) + "\n")
@@ -163,17 +166,18 @@ def test_concatenated_encoders_give_each_members_features(tmp_path, photo_files)
                         num_workers=0, device="cpu")
     extract_features(cfg)
     fs = features.read_features(tmp_path / "f.h5")
-    assert fs.image_emb.shape == (3, 2560) and fs.attrs["image_dim"] == 2560
+    n0 = 1280 + 4 * 192  # Lite0's width with avg+mid; Lite2's is 1280 + 4 * 208
+    assert fs.image_emb.shape == (3, 4160) and fs.attrs["image_dim"] == 4160
     assert fs.attrs["image_input_size"] == 260
     assert [m["image_encoder"] for m in fs.attrs["image_members"]] == ["efficientnet-lite0", "efficientnet-lite2"]
 
     x260 = torch.stack([ImageTransform(size=260)(photo_files[p]) for p in PHOTOS])
-    lite2 = load_image_encoder("efficientnet-lite2", "cpu")
-    np.testing.assert_allclose(fs.image_emb[:, 1280:], lite2.encode(x260).numpy(), rtol=1e-4, atol=1e-4)
+    lite2 = load_image_encoder("efficientnet-lite2", "cpu", pool="avg+mid")
+    np.testing.assert_allclose(fs.image_emb[:, n0:], lite2.encode(x260).numpy(), rtol=1e-4, atol=1e-4)
     x224 = torch.nn.functional.interpolate(x260.float(), size=(224, 224), mode="bilinear", antialias=True)
-    lite0 = load_image_encoder("efficientnet-lite0", "cpu")
+    lite0 = load_image_encoder("efficientnet-lite0", "cpu", pool="avg+mid")
     expected0 = lite0.encode(x224.round().clamp(0, 255).to(torch.uint8)).numpy()
-    np.testing.assert_allclose(fs.image_emb[:, :1280], expected0, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fs.image_emb[:, :n0], expected0, rtol=1e-4, atol=1e-4)
     # and the resized input stays close to Lite0's own 224 preprocessing (same network, same photo)
     own = lite0.encode(torch.stack([ImageTransform(size=224)(photo_files[p]) for p in PHOTOS]))
     cos = torch.nn.functional.cosine_similarity(own, torch.as_tensor(expected0), dim=1)

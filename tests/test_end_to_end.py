@@ -31,9 +31,11 @@ def demo_run(tmp_path_factory):
 def test_feature_file_from_the_demo_catalogue(demo_run):
     cwd, _ = demo_run
     fs = features.read_features(cwd / "cache" / "feats.h5")
-    assert fs.image_emb.shape == (300, 1280 + 1280) and fs.text_emb.shape == (300, 384)  # Lite0 + Lite2
+    # Lite0 + Lite2, each its pooled head and its mid stage on a 2x2 grid (--image-pool avg+mid)
+    assert fs.image_emb.shape == (300, (1280 + 4 * 192) + (1280 + 4 * 208)) and fs.text_emb.shape == (300, 384)
     assert fs.num_classes >= 12 and all(name.count("<") == 2 for name in fs.class_names)
-    assert fs.attrs["image_encoder"] == "efficientnet-lite0+efficientnet-lite2" and fs.attrs["text_encoder"] == "all-MiniLM-L6-v2"
+    assert fs.attrs["image_encoder"] == "efficientnet-lite0+efficientnet-lite2" and fs.attrs["image_pool"] == "avg+mid"
+    assert fs.attrs["text_encoder"] == "all-MiniLM-L6-v2"
     assert fs.attrs["split_source"].startswith("stratified")  # the demo CSV has no split column
     assert set(fs.split) == {"train", "val", "test"}
     assert fs.class_dist is not None and fs.tree_dist is not None  # build-graph wrote into the same file

@@ -217,7 +217,7 @@ def test_embeddings_match_encoding_each_row_alone(catalogue, reference):
     csv_path, _ = catalogue
     cfg, _, out = reference
     fs = features.read_features(out)
-    image_encoder, text_encoder = StubImageEncoder(torch.device("cpu")), StubTextEncoder()
+    image_encoder, text_encoder = StubImageEncoder(torch.device("cpu"), pool=cfg.image_pool), StubTextEncoder()
     transform = ImageTransform(size=image_encoder.input_size, fit=cfg.image_fit)
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -243,7 +243,8 @@ def test_attributes_say_how_the_file_was_made(catalogue, reference):
     attrs = features.read_attrs(out)
     assert attrs["extract_config"] == asdict(cfg)
     assert attrs["image_encoder"] == "stub" and attrs["text_encoder"] == "stub"
-    assert attrs["image_dim"] == 16 and attrs["text_dim"] == 16 and attrs["augment_views"] == 0
+    assert attrs["image_dim"] == 16 + 4 * 3 and attrs["image_pool"] == "avg+mid"  # stub: 16 + its 2x2-pooled RGB input
+    assert attrs["text_dim"] == 16 and attrs["augment_views"] == 0
     assert attrs["image_root"] == str(csv_path.parent.resolve()) and Path(attrs["image_root"]).is_absolute()
     assert attrs["catalogue"] == str(csv_path.resolve())
     assert attrs["catalogue_sha256"] == __import__("hashlib").sha256(csv_path.read_bytes()).hexdigest()
@@ -547,7 +548,7 @@ def test_views_only_for_train_items_and_deterministic(catalogue, tmp_path):
     fa, fb = features.read_features(a, views=True), features.read_features(b, views=True)
     train = fa.indices("train")
     np.testing.assert_array_equal(fa.view_item, train)
-    assert fa.view_emb.shape == (len(train), 3, 16)
+    assert fa.view_emb.shape == (len(train), 3, fa.image_emb.shape[1])
     # the same (seed, row, view) gives the same view whatever the workers, batches or parts
     np.testing.assert_allclose(fa.view_emb, fb.view_emb, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fa.image_emb, fb.image_emb, rtol=1e-5, atol=1e-6)
@@ -570,8 +571,8 @@ def test_real_default_encoders_on_a_few_rows(tmp_path):
     cfg = ExtractConfig(catalogue=str(csv_path), out=str(tmp_path / "f.h5"), num_workers=0, device="cpu", batch_size=4)
     summary = extract_features(cfg)
     fs = features.read_features(tmp_path / "f.h5")
-    assert summary["items"] == 8 and fs.image_emb.shape == (8, 2560) and fs.text_emb.shape == (8, 384)
-    assert fs.attrs["image_encoder"] == "efficientnet-lite0+efficientnet-lite2"
+    assert summary["items"] == 8 and fs.image_emb.shape == (8, 4160) and fs.text_emb.shape == (8, 384)
+    assert fs.attrs["image_encoder"] == "efficientnet-lite0+efficientnet-lite2" and fs.attrs["image_pool"] == "avg+mid"
     assert fs.attrs["text_encoder"] == "all-MiniLM-L6-v2"
     assert np.isfinite(fs.image_emb).all() and (np.linalg.norm(fs.image_emb, axis=1) > 1).all()
     # images of the same colour (class) are closer than images of different colours
@@ -601,26 +602,29 @@ def test_real_catalogue_sample(tmp_path):
     summary = extract_features(cfg)
     assert summary["skipped"] == 0 and summary["items"] == 64
     fs = features.read_features(tmp_path / "f.h5")
-    assert fs.image_emb.shape == (64, 2560) and fs.text_emb.shape == (64, 384)
+    assert fs.image_emb.shape == (64, 4160) and fs.text_emb.shape == (64, 384)
     assert np.isfinite(fs.image_emb).all() and np.isfinite(fs.text_emb).all()
     assert fs.attrs["image_root"] == str(real_csv.parent.resolve())
 
 
-def test_image_pool_avg_mid_through_the_cli(catalogue, reference, tmp_path):
-    """--image-pool avg+mid writes the plain features followed by the grid-pooled mid map, says so in
-    the file, and counts as other settings; the default leaves the settings as they were before the
-    option existed, so older feature files stay up to date."""
+def test_image_pool_through_the_cli(catalogue, reference):
+    """The default --image-pool avg+mid writes the plain global average followed by the grid-pooled
+    mid map and says so in the file; --image-pool avg writes the plain features only and leaves the
+    settings as they were before the option existed, so feature files made then stay up to date."""
     csv_path, _ = catalogue
-    out = tmp_path / "f.h5"
+    cfg, _, ref_path = reference
+    assert cfg.image_pool == "avg+mid"
+    out = ref_path.parent / "avg.h5"
     args = ["extract-features", "--catalogue", str(csv_path), "--out", str(out), "--image-encoder", "stub",
-            "--text-encoder", "stub", "--device", "cpu", "--num-workers", "0", "--image-pool", "avg+mid"]
+            "--text-encoder", "stub", "--device", "cpu", "--num-workers", "0", "--image-pool", "avg"]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
-    got, ref = features.read_features(out), features.read_features(reference[2])
-    assert got.image_emb.shape == (len(ref.row), 16 + 4 * 3) and got.attrs["image_pool"] == "avg+mid"
-    np.testing.assert_array_equal(got.row, ref.row)
-    np.testing.assert_allclose(got.image_emb[:, :16], ref.image_emb, rtol=1e-5, atol=1e-6)
-    assert got.attrs["settings"]["config"]["image_pool"] == "avg+mid"
-    assert "image_pool" not in features.read_attrs(reference[2])["settings"]["config"]
+    plain, both = features.read_features(out), features.read_features(ref_path)
+    assert plain.image_emb.shape == (len(both.row), 16) and both.image_emb.shape == (len(both.row), 16 + 4 * 3)
+    assert both.attrs["image_pool"] == "avg+mid" and "image_pool" not in plain.attrs
+    np.testing.assert_array_equal(plain.row, both.row)
+    np.testing.assert_allclose(both.image_emb[:, :16], plain.image_emb, rtol=1e-5, atol=1e-6)
+    assert both.attrs["settings"]["config"]["image_pool"] == "avg+mid"
+    assert "image_pool" not in plain.attrs["settings"]["config"]
     bad = CliRunner().invoke(cli.main, args[:-1] + ["max"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
