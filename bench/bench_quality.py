@@ -60,15 +60,16 @@ ROWS = (["acc/image", "acc/text", "acc/fused", "acc/fused@0.5", "fusion_weight",
         + ["graph_fidelity", "tree_fidelity", "modality_gap"])
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run one `huse` command (output appended to `log`); return its wall-clock seconds."""
+def run(cmd: list[str], log: Path, hint: str = "") -> float:
+    """Run one `huse` command (output appended to `log`); return its wall-clock seconds. On failure exit
+    with a message naming the log, plus `hint`."""
     start = time.perf_counter()
     with open(log, "a") as fh:
         fh.write(f"\n$ huse {' '.join(cmd)}\n")
         fh.flush()
         proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *cmd], stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        sys.exit(f"`huse {' '.join(cmd)}` failed (exit {proc.returncode}); see {log}")
+        sys.exit(f"`huse {' '.join(cmd)}` failed (exit {proc.returncode}); see {log}{hint}")
     return time.perf_counter() - start
 
 
@@ -152,7 +153,9 @@ def main() -> None:
     print(f"log: {log}", flush=True)
 
     stage = "extract-features" + (" (file already up to date: not a timing)" if Path(feats).exists() else "")
-    times[stage] = [run(["extract-features", "--catalogue", args.catalogue, "--out", feats, *device], log)]
+    hint = (f". If {feats} was made with other settings (another catalogue, or before a default changed), "
+            "move the work folder aside or pass another --work") if Path(feats).exists() else ""
+    times[stage] = [run(["extract-features", "--catalogue", args.catalogue, "--out", feats, *device], log, hint)]
     times["build-graph"] = [run(["build-graph", "--features", feats, *device], log)]
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for seed in args.seeds:
