@@ -96,7 +96,7 @@ def _echo_summary(title: str, summary: dict) -> None:
               help="Feature file to write (unfinished work is kept in OUT.parts/ until the end).")
 @click.option("--image-encoder", default="efficientnet-lite0+efficientnet-lite2", show_default=True, callback=_check_image_encoder,
               help="Frozen ImageNet CNN: efficientnet-lite0, efficientnet-lite2, resnet18/34/50/101/152, or stub (a "
-                   "deterministic test encoder). Features are its pooled penultimate layer. Several joined by '+' "
+                   "deterministic test encoder). Features are its pooled feature maps (see --image-pool). Several joined by '+' "
                    "(e.g. efficientnet-lite0+efficientnet-lite2) give their features concatenated.")
 @click.option("--image-weights", default=None,
               help="Local checkpoint (state_dict) for the image encoder. ResNets default to torchvision's ImageNet "
