@@ -4,7 +4,7 @@ the VALIDATION split only (never test), with the same metrics as `huse eval`.
 Each configuration is a JSON object of `huse train` options (TrainConfig field names) applied on
 top of the project's defaults; every one is trained once per seed, in memory, and scored on val
 (the fusion weight is tuned on val too, so `acc/fused` is slightly optimistic for every row alike).
-Prints one markdown row per configuration (mean over seeds, and the spread max-min when several)
+Prints one markdown row per configuration (mean over seeds, and the spread (max-min)/2 when several)
 and appends every run's full metrics to a JSON-lines log.
 
     python bench/sweep_val.py --features cache/myntra.h5 --seeds 0 1 \
