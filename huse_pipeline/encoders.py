@@ -67,8 +67,7 @@ class ImageEncoder:
         self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
 
     def _set_pool(self, pool: str, head_dim: int, mid_channels: int) -> None:
-        if pool not in IMAGE_POOLS:
-            raise HuseError(f"unknown --image-pool {pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
+        check_image_pool(pool)
         self.pool = pool
         self.dim = head_dim + (MID_GRID * MID_GRID * mid_channels if pool == "avg+mid" else 0)
 
@@ -159,11 +158,11 @@ class EfficientNetLiteEncoder(ImageEncoder):
     def _features_and_mid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         net = self.network  # extract_features, step by step (eval mode: no drop-connect)
         x = net._swish(net._bn0(net._conv_stem(x)))
-        mid = x
-        for i, block in enumerate(net._blocks):
+        for block in net._blocks[: self._mid_block + 1]:
             x = block(x)
-            if i == self._mid_block:
-                mid = x
+        mid = x
+        for block in net._blocks[self._mid_block + 1:]:
+            x = block(x)
         return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3)), mid
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +278,11 @@ class ConcatImageEncoder(ImageEncoder):
         raise HuseError(f"{self.name} is a concatenation of encoders; classify with one of its members")
 
 
+def check_image_pool(pool: str) -> None:
+    if pool not in IMAGE_POOLS:
+        raise HuseError(f"unknown --image-pool {pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
+
+
 def split_encoder_names(name: str) -> list[str]:
     """`a+b` -> [a, b], each checked to be a known image encoder (no repeats)."""
     names = [part.strip() for part in name.split(ENCODER_JOIN)]
@@ -298,8 +302,7 @@ def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: s
 
     `a+b+...` builds a `ConcatImageEncoder` of the members with their default weights, each pooled alike.
     """
-    if pool not in IMAGE_POOLS:
-        raise HuseError(f"unknown --image-pool {pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
+    check_image_pool(pool)  # before any weights load
     device = torch.device(device)
     if ENCODER_JOIN in name:
         if weights is not None:

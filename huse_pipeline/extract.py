@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from . import DEFAULT_FEATURES, __version__, features
 from .catalogue import Catalogue, csv_records, file_sha256, read_catalogue
-from .encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_IMAGE_POOL, DEFAULT_TEXT_ENCODER, IMAGE_POOLS, ImageEncoder,
-                       TextEncoder, load_image_encoder, load_text_encoder)
+from .encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_IMAGE_POOL, DEFAULT_TEXT_ENCODER, ImageEncoder, TextEncoder,
+                       check_image_pool, load_image_encoder, load_text_encoder)
 from .errors import HuseError
 from .images import IMAGE_FITS, CatalogueImages, ImageTransform, collate_images
 from .text import describe as describe_text
@@ -174,8 +174,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 def _validate(cfg: ExtractConfig) -> None:
     if cfg.image_fit not in IMAGE_FITS:
         raise HuseError(f"unknown --image-fit {cfg.image_fit!r}; choose one of {', '.join(IMAGE_FITS)}")
-    if cfg.image_pool not in IMAGE_POOLS:
-        raise HuseError(f"unknown --image-pool {cfg.image_pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
+    check_image_pool(cfg.image_pool)
     for name in ("batch_size", "part_rows", "max_image_pixels"):
         if getattr(cfg, name) < 1:
             raise HuseError(f"--{name.replace('_', '-')} must be at least 1")
