@@ -529,7 +529,12 @@ def extract_features(cfg: ExtractConfig, overwrite: bool = False) -> dict[str, A
         log.info("resuming: %d of %d parts already done in %s", len(done), len(planned), folder)
 
     t0 = time.perf_counter()
-    job = load_job(cfg, catalogue)
+    try:
+        job = load_job(cfg, catalogue)
+    except BaseException:
+        if not done:  # the folder holds only this run's manifest: leave nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     assert job.fingerprint == fingerprint
     rows_done = sum(e - s for s, e in done)
     skipped_before = sum(sum(r != "" for r in features.read_part(part_path(folder, *p)).reason) for p in done)
