@@ -60,7 +60,8 @@ def main() -> None:
         del dst["items/image_emb"]
         dst.create_dataset("items/image_emb", data=image_emb)
         dst.attrs["image_dim"] = json.dumps(int(image_emb.shape[1]))
-        dst.attrs["settings_fingerprint"] = json.dumps("swapped:" + json.loads(dst.attrs["settings_fingerprint"]))
+        fingerprint = json.loads(dst.attrs.get("settings_fingerprint", '""'))
+        dst.attrs["settings_fingerprint"] = json.dumps(f"swapped:{fingerprint}")
         dst.attrs["image_features_swapped"] = json.dumps({"source": args.src, "parts": args.parts})
     print(f"{args.dst}: image features {image_emb.shape}")
 
