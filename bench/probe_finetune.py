@@ -7,10 +7,11 @@ this size is".
     python bench/probe_finetune.py --catalogue ../shared/datasets/myntra_fashion_small/catalogue.csv
 
 The network runs once over the catalogue up to the end of block `--cut` (by default the end of the
-third-to-last stage); those maps are cached in `--maps` (float16, reused by later runs with the same
-catalogue and cut). Each variant then trains the blocks from `--train-from` on, the head conv and a
-new linear classifier (AdamW, one-cycle schedule, label smoothing, dropout before the classifier,
-random horizontal flips of the cached maps). Batch norms keep their ImageNet statistics. Images
+third-to-last stage); those maps are cached in `--maps` (float16; the default name holds the
+encoder, the cut and the catalogue's hash, so later runs with the same three reuse it). Each
+variant then trains the blocks from `--train-from` on, the head conv and a new linear classifier
+(AdamW, one-cycle schedule, label smoothing, dropout before the classifier, random horizontal
+flips of the cached maps). Batch norms keep their ImageNet statistics. Images
 are fitted as stage one's default does (`pad`). Test accuracy is printed for reference only;
 compare variants on val.
 """
@@ -157,7 +158,8 @@ def main() -> None:
     parser.add_argument("--train-from", type=int, nargs="+", default=None,
                         help="first trained block of each fine-tuned variant (default: the last stage, and the "
                              "last two stages)")
-    parser.add_argument("--maps", default=None, help="cache of the maps (default cache/finetune_maps_<encoder>_<cut>.npy)")
+    parser.add_argument("--maps", default=None,
+                        help="cache of the maps (default cache/finetune_maps_<encoder>_<cut>_<catalogue sha256[:12]>.npy)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the fine-tuned blocks")
@@ -191,7 +193,7 @@ def main() -> None:
     print(f"{args.encoder}: {len(network._blocks)} blocks, stage ends {ends}; caching block {cut}'s output; "
           f"{len(classes)} classes, train/val/test {len(split['train'])}/{len(split['val'])}/{len(split['test'])}")
 
-    maps_path = Path(args.maps or f"cache/finetune_maps_{args.encoder}_{cut}.npy")
+    maps_path = Path(args.maps or f"cache/finetune_maps_{args.encoder}_{cut}_{cat.sha256[:12]}.npy")
     if maps_path.exists() and np.load(maps_path, mmap_mode="r").shape[0] == len(frame):
         print(f"maps: reusing {maps_path}")
         maps = np.load(maps_path)
