@@ -31,23 +31,23 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline import images  # noqa: E402
 from huse_pipeline.catalogue import read_catalogue  # noqa: E402
 from huse_pipeline.encoders import load_image_encoder  # noqa: E402
+from huse_pipeline.images import ImageTransform  # noqa: E402
 
 
 def stage_ends(network: nn.Module) -> list[int]:
     """Indices of the last block of each stage (a stage = consecutive blocks with one output width)."""
-    widths = [b._bn2.num_features for b in network._blocks]
+    widths = [b._project_conv.out_channels for b in network._blocks]  # as encoders.EfficientNetLiteEncoder
     return [i for i in range(len(widths)) if i == len(widths) - 1 or widths[i + 1] != widths[i]]
 
 
 def cache_maps(encoder, paths: list[Path], cut: int, out: Path, batch: int = 64) -> np.ndarray:
     """(N, C, h, w) float16 output of block `cut` for every image, written to `out` (.npy)."""
-    net, size = encoder.network, encoder.input_size
+    net, transform = encoder.network, ImageTransform(size=encoder.input_size)  # stage one's default view
 
     def load(chunk: list[Path]) -> torch.Tensor:
-        return torch.stack([images.to_tensor(images.fit_image(images.load_rgb(p), size, "pad")) for p in chunk])
+        return torch.stack([transform(p) for p in chunk])
 
     chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
     tmp = out.with_suffix(".part.npy")

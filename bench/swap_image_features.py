@@ -16,9 +16,14 @@ import argparse
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from huse_pipeline.utils import atomic_path  # noqa: E402
 
 
 def main() -> None:
@@ -50,19 +55,17 @@ def main() -> None:
             image_emb = np.concatenate(blocks, axis=1)
     except (OSError, KeyError, ValueError) as exc:
         sys.exit(f"{args.src}: {exc}")
-    try:
-        with open(args.dst, "xb"):
-            pass
-    except FileExistsError:
+    if Path(args.dst).exists():
         sys.exit(f"{args.dst} exists; pick another name")
-    shutil.copyfile(args.src, args.dst)
-    with h5py.File(args.dst, "r+") as dst:
-        del dst["items/image_emb"]
-        dst.create_dataset("items/image_emb", data=image_emb)
-        dst.attrs["image_dim"] = json.dumps(int(image_emb.shape[1]))
-        fingerprint = json.loads(dst.attrs.get("settings_fingerprint", '""'))
-        dst.attrs["settings_fingerprint"] = json.dumps(f"swapped:{fingerprint}")
-        dst.attrs["image_features_swapped"] = json.dumps({"source": args.src, "parts": args.parts})
+    with atomic_path(args.dst) as tmp:  # a failed copy leaves nothing under dst
+        shutil.copyfile(args.src, tmp)
+        with h5py.File(tmp, "r+") as dst:
+            del dst["items/image_emb"]
+            dst.create_dataset("items/image_emb", data=image_emb)
+            dst.attrs["image_dim"] = json.dumps(int(image_emb.shape[1]))
+            fingerprint = json.loads(dst.attrs.get("settings_fingerprint", '""'))
+            dst.attrs["settings_fingerprint"] = json.dumps(f"swapped:{fingerprint}")
+            dst.attrs["image_features_swapped"] = json.dumps({"source": args.src, "parts": args.parts})
     print(f"{args.dst}: image features {image_emb.shape}")
 
 

@@ -150,7 +150,7 @@ class EfficientNetLiteEncoder(ImageEncoder):
         # the last block of the stage before the last one (Lite0: block 14 of 16, 192 channels)
         self._mid_block = max(i for i, c in enumerate(channels) if c != channels[-1])
         super().__init__(network, device)
-        self._set_pool(pool, 1280, channels[self._mid_block])
+        self._set_pool(pool, network._conv_head.out_channels, channels[self._mid_block])
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         return self.network.extract_features(x).mean(dim=(2, 3))  # (B, 1280)
