@@ -72,7 +72,7 @@ def _default_catalogue() -> str:
 
 
 def _check_image_encoder(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from huse_pipeline.encoders import ENCODER_JOIN, split_encoder_names
+    from huse_pipeline.encoders.image import ENCODER_JOIN, split_encoder_names
 
     try:
         return ENCODER_JOIN.join(split_encoder_names(value))  # " a + b" -> "a+b": one spelling, one fingerprint
@@ -141,7 +141,7 @@ def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
     """
     import torch
 
-    from huse_pipeline.extract import ExtractConfig, extract_features, tune_cpu_allocator
+    from huse_pipeline.extract.run import ExtractConfig, extract_features, tune_cpu_allocator
     from huse_pipeline.utils import resolve_device
 
     tune_cpu_allocator()  # no page faults for every batch's activations
@@ -169,7 +169,7 @@ def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
 @click.option("--device", type=DEVICES, default="auto")
 def build_graph_cmd(**options) -> None:
     """Compute the semantic graph A over the classes and the class hierarchy, into the feature file."""
-    from huse_pipeline.graph import GraphConfig, build_graph
+    from huse_pipeline.extract.graph import GraphConfig, build_graph
 
     summary = build_graph(GraphConfig(**options))
     _echo_summary(f"graph written to {options['features']}", summary)
@@ -246,7 +246,9 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
     """
     from click.core import ParameterSource
 
-    from huse_pipeline.train import make_config, new_run_dir, resume_config, train
+    from huse_pipeline.train.config import make_config
+    from huse_pipeline.train.loop import train
+    from huse_pipeline.train.run import new_run_dir, resume_config
 
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
     if resume:
@@ -297,7 +299,8 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
 def eval_cmd(**options) -> None:
     """Evaluate a trained model on one split: classification, class- and instance-level retrieval,
     hierarchical precision, mistake severity, the fidelity of the universal space."""
-    from huse_pipeline.evaluate import EvalConfig, format_table, run_evaluation
+    from huse_pipeline.eval.evaluate import EvalConfig, run_evaluation
+    from huse_pipeline.measures.keys import format_table
 
     result = run_evaluation(EvalConfig(**options))
     click.echo(format_table(result.metrics))

@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline.encoders import load_text_encoder  # noqa: E402
-from huse_pipeline.extract import ExtractConfig, load_job, plan_parts, process_parts, tune_cpu_allocator  # noqa: E402
-from huse_pipeline.text import normalise_text, prepare_texts  # noqa: E402
+from huse_pipeline.encoders.text import load_text_encoder  # noqa: E402
+from huse_pipeline.extract.run import ExtractConfig, load_job, process_parts, tune_cpu_allocator  # noqa: E402
+from huse_pipeline.extract.plan import plan_parts  # noqa: E402
+from huse_pipeline.data.text import normalise_text, prepare_texts  # noqa: E402
 
 
 def cpu_model() -> str:

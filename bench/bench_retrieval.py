@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from huse_pipeline.retrieval import l2_normalize, similarity, topk
+from huse_pipeline.measures.retrieval import l2_normalize, similarity, topk
 
 
 def main() -> None:

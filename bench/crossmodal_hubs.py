@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline import features  # noqa: E402
-from huse_pipeline.evaluate import split_outputs  # noqa: E402
-from huse_pipeline.model import load_checkpoint, model_from_checkpoint  # noqa: E402
+from huse_pipeline.store import features  # noqa: E402
+from huse_pipeline.eval.evaluate import split_outputs  # noqa: E402
+from huse_pipeline.train.model import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 
 def top1_hits(scores: torch.Tensor, query_labels: torch.Tensor, gallery_labels: torch.Tensor) -> torch.Tensor:

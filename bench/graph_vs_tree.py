@@ -17,7 +17,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline import features  # noqa: E402
+from huse_pipeline.store import features  # noqa: E402
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline import features  # noqa: E402
+from huse_pipeline.store import features  # noqa: E402
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: np.ndarray, held: np.ndarray, num_classes: int,

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import HuseError
+from huse_pipeline.errors import HuseError
 
 
 @contextlib.contextmanager

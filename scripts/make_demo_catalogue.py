@@ -13,7 +13,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runnable from a checkout without installing the package
 
-from huse_pipeline.demo import make_demo_catalogue  # noqa: E402
+from scripts.demo import make_demo_catalogue  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

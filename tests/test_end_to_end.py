@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from huse_pipeline import features
+from huse_pipeline.store import features
 
 
 @pytest.fixture(scope="module")

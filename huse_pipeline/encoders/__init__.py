@@ -1,0 +1,2 @@
+"""Stage one's frozen encoders: `image` (ImageNet CNNs), `text` (sentence-transformers).
+"""

@@ -1,0 +1,2 @@
+"""`huse eval`: the evaluation run (`evaluate`) and its HTML report (`report`).
+"""

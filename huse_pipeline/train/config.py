@@ -1,0 +1,140 @@
+"""Stage two's settings (paper §4.1.3): `TrainConfig`, the optimiser presets and how a saved run's
+configuration is read back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huse_pipeline.errors import HuseError
+from huse_pipeline.train.losses import GRAPH_PAIRS, MARGIN_RULES
+from huse_pipeline.train.model import (
+    ModelConfig,
+)
+
+log = logging.getLogger(__name__)
+
+
+MODALITIES = ("both", "image", "text")
+OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+SCHEDULES = ("cosine", "constant")
+INPUT_NORMS = ("standardize", "none")
+# selection metric -> direction (+1: higher is better)
+SELECT_METRICS = {"val/acc/mean": 1, "val/acc/fused": 1, "val/acc/image": 1, "val/acc/text": 1, "val/loss": -1}
+# what --resume may change; everything else must match the interrupted run
+RESUME_MAY_CHANGE = ("epochs", "steps", "patience", "eval_every", "device", "amp")
+RUNS_ROOT = Path("cache/runs")
+
+# Optimiser presets. "paper": §4.1.3 (RMSProp, lr 1.6192e-5, momentum 0.9, batch 1024, no schedule
+# given; the paper ran 250,000 steps: --steps 250000). "default": AdamW with a cosine schedule that
+# converges in a few CPU minutes on ~10k items; its batch of 256 was chosen on val (BENCHMARKS.md, round 4).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(optimizer="adamw", lr=3e-3, weight_decay=1e-4, momentum=0.9, batch_size=256, epochs=60,
+                    steps=None, schedule="cosine"),
+    "paper": dict(optimizer="rmsprop", lr=1.6192e-5, weight_decay=0.0, momentum=0.9, batch_size=1024, epochs=100,
+                  steps=None, schedule="constant"),
+}
+
+
+# TrainConfig fields added after runs were already being saved, with the value they had before
+# they existed: a run saved without one is resumed (or its baselines trained) as it was trained.
+FIELDS_ADDED_LATER: dict[str, Any] = {"image_input_dropout": 0.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything stage two needs besides the feature file; `asdict` goes into every artefact."""
+
+    modality: str = "both"  # both | image | text (one tower + its classifier, classification loss only)
+    preset: str = "default"  # which preset the optimiser fields came from (for the record)
+    # optimiser (defaults = the "default" preset)
+    optimizer: str = "adamw"  # adamw | rmsprop | sgd
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # rmsprop and sgd
+    batch_size: int = 256
+    epochs: int = 60
+    steps: int | None = None  # total optimiser steps; when set it overrides epochs (last epoch may be partial)
+    schedule: str = "cosine"  # cosine (to zero over the run) | constant
+    # loss (Eq. 5); chosen on the validation split of the real catalogue (BENCHMARKS.md, "sweep")
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.1
+    zeta: float = 0.5  # margin of the graph loss, on cosine distances
+    margin_rule: str = "and"  # and (Eq. 10 as printed) | or
+    graph_pairs: str = "cross"  # all | cross | within (see losses.graph_loss)
+    # model (ModelConfig, paper §4.1.3)
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    image_layers: int = 5
+    text_layers: int = 2
+    dropout: float = 0.15
+    image_input_dropout: float = 0.3  # on the image tower's standardised inputs (not in the paper; chosen on val)
+    relu_before_norm: bool = False
+    input_norm: str = "standardize"  # standardize (train-split mean/std) | none
+    use_views: bool = True  # draw a fresh image view per item per epoch when the file has augmented views
+    # selection, stopping, runtime
+    select: str = "val/acc/mean"  # single-modality runs always select on their own accuracy
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    eval_every: int = 1  # validate (and write checkpoints) every this many epochs
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    amp: bool = True  # bf16 autocast of the towers on CUDA (losses stay float32); ignored on CPU
+
+    def __post_init__(self) -> None:
+        choices = {"modality": MODALITIES, "preset": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+                   "margin_rule": MARGIN_RULES, "graph_pairs": GRAPH_PAIRS, "input_norm": INPUT_NORMS,
+                   "select": tuple(SELECT_METRICS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise HuseError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        positive = ("lr", "batch_size", "epochs", "embed_dim", "hidden_dim", "eval_every")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise HuseError(f"{name} must be positive, got {getattr(self, name)}")
+        weights = {k: getattr(self, k) for k in ("alpha", "beta", "gamma", "zeta", "lr", "weight_decay")}
+        if not all(math.isfinite(v) for v in weights.values()):
+            raise HuseError(f"loss weights, margin and optimiser settings must be finite numbers, got {weights}")
+        if not 0 <= self.zeta <= 2:
+            raise HuseError(f"zeta is a margin on cosine distances, which lie in [0, 2]; got {self.zeta}")
+        if self.steps is not None and self.steps <= 0:
+            raise HuseError(f"steps must be positive, got {self.steps}")
+        if min(self.alpha, self.beta, self.gamma, self.weight_decay, self.patience, self.image_layers,
+               self.text_layers) < 0 or not (0 <= self.dropout < 1 and 0 <= self.image_input_dropout < 1):
+            raise HuseError("alpha, beta, gamma, weight_decay, patience and layer counts must be >= 0 and dropouts in [0, 1)")
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
+        """The TrainConfig of a saved run (config.json or a checkpoint's train_config); fields added
+        after it was saved take the value they had before they existed (FIELDS_ADDED_LATER)."""
+        return cls(**{**FIELDS_ADDED_LATER, **saved})
+
+    def model_config(self, image_dim: int, text_dim: int, num_classes: int) -> ModelConfig:
+        return ModelConfig(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, embed_dim=self.embed_dim,
+                           hidden_dim=self.hidden_dim, image_layers=self.image_layers, text_layers=self.text_layers,
+                           dropout=self.dropout, relu_before_norm=self.relu_before_norm,
+                           image_input_dropout=self.image_input_dropout)
+
+    @property
+    def select_key(self) -> str:
+        """The validation metric that picks the best epoch."""
+        if self.modality != "both" and self.select != "val/loss":
+            return f"val/acc/{self.modality}"
+        return self.select
+
+
+def make_config(preset: str = "default", **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a preset, then the individual `overrides` (None means "keep")."""
+    if preset not in PRESETS:
+        raise HuseError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise HuseError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}, "preset": preset}
+    return TrainConfig(**values)
+
+
