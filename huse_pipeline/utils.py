@@ -1,15 +1,22 @@
-"""Small helpers shared by the stages: atomic file writes, device resolution, seeding."""
+"""Small helpers shared by the stages: atomic file writes, device resolution, fields added to a config
+after artefacts were first saved. Importing this module does not import torch (user mistakes are
+reported before the heavy imports)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from huse_pipeline.errors import HuseError
+
+if TYPE_CHECKING:
+    import torch
+
+# dataclass field metadata key: the value every artefact saved before the field existed was made with
+ADDED_LATER = "before"
 
 
 @contextlib.contextmanager
@@ -38,8 +45,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> "torch.device":
     """Map `auto|cpu|cuda[:N]` to a torch device; `auto` picks CUDA when it is available."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -48,3 +57,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as exc:
         raise HuseError(f"unknown device {device!r}: use auto, cpu or cuda") from exc
+
+
+def added_later(field_default: Any, before: Any) -> Any:
+    """A dataclass field added after artefacts were first saved: `before` is the value they were all
+    made with (`image_pool: str = added_later("avg+mid", before="avg")`)."""
+    return dataclasses.field(default=field_default, metadata={ADDED_LATER: before})
+
+
+def fields_added_later(cls: type) -> dict[str, Any]:
+    """{field name: the value artefacts saved before it existed were made with} of a config dataclass."""
+    return {f.name: f.metadata[ADDED_LATER] for f in dataclasses.fields(cls) if ADDED_LATER in f.metadata}

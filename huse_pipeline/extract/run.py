@@ -38,7 +38,7 @@ from huse_pipeline.encoders.text import DEFAULT_TEXT_ENCODER, TextEncoder, load_
 from huse_pipeline.errors import HuseError
 from huse_pipeline.extract.plan import csv_line_numbers, part_path, parts_folder, plan_batches, plan_parts
 from huse_pipeline.store import features
-from huse_pipeline.utils import atomic_path, resolve_device
+from huse_pipeline.utils import added_later, atomic_path, fields_added_later, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,6 @@ MANIFEST = "manifest.json"
 PARTS_FORMAT = "huse-feature-parts"
 # ExtractConfig fields that change how the work runs but not what is written
 EXECUTION_ONLY = ("out", "num_workers", "strict", "device")
-# ExtractConfig fields added after feature files were first written, with the value every older file
-# was made with: at that value they stay out of the settings, so older files stay up to date
-FIELDS_ADDED_LATER: dict[str, Any] = {"image_pool": "avg"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,8 @@ class ExtractConfig:
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     image_weights: str | None = None  # local checkpoint; ResNets: None/"imagenet" = torchvision's weights
     image_fit: str = "pad"  # pad | crop | squash: how an image becomes the encoder's square input
-    image_pool: str = DEFAULT_IMAGE_POOL  # avg | avg+mid: which feature maps are pooled into the features
+    # avg | avg+mid: which feature maps are pooled into the features; files made before it are avg
+    image_pool: str = added_later(DEFAULT_IMAGE_POOL, before="avg")
     text_encoder: str = DEFAULT_TEXT_ENCODER
     augment_views: int = 0  # extra augmented views per training image
     label_sep: str = "<"
@@ -111,8 +109,9 @@ def _settings(cfg: ExtractConfig, catalogue: Catalogue, device: torch.device) ->
     weights_sha = None
     if cfg.image_weights not in (None, "imagenet"):
         weights_sha = file_sha256(Path(cfg.image_weights))
+    later = fields_added_later(ExtractConfig)  # at their old value they stay out: older files stay up to date
     config = {k: v for k, v in asdict(cfg).items()
-              if k not in EXECUTION_ONLY and not (k in FIELDS_ADDED_LATER and v == FIELDS_ADDED_LATER[k])}
+              if k not in EXECUTION_ONLY and not (k in later and v == later[k])}
     return {
         "config": config,
         "device_type": device.type,

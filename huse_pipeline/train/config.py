@@ -15,6 +15,7 @@ from huse_pipeline.train.losses import GRAPH_PAIRS, MARGIN_RULES
 from huse_pipeline.train.model import (
     ModelConfig,
 )
+from huse_pipeline.utils import added_later, fields_added_later
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# TrainConfig fields added after runs were already being saved, with the value they had before
-# they existed: a run saved without one is resumed (or its baselines trained) as it was trained.
-FIELDS_ADDED_LATER: dict[str, Any] = {"image_input_dropout": 0.0}
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,8 @@ class TrainConfig:
     image_layers: int = 5
     text_layers: int = 2
     dropout: float = 0.15
-    image_input_dropout: float = 0.3  # on the image tower's standardised inputs (not in the paper; chosen on val)
+    # on the image tower's standardised inputs (not in the paper; chosen on val); runs saved before it: 0
+    image_input_dropout: float = added_later(0.3, before=0.0)
     relu_before_norm: bool = False
     input_norm: str = "standardize"  # standardize (train-split mean/std) | none
     use_views: bool = True  # draw a fresh image view per item per epoch when the file has augmented views
@@ -110,8 +109,8 @@ class TrainConfig:
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:
         """The TrainConfig of a saved run (config.json or a checkpoint's train_config); fields added
-        after it was saved take the value they had before they existed (FIELDS_ADDED_LATER)."""
-        return cls(**{**FIELDS_ADDED_LATER, **saved})
+        after it was saved take the value they had before they existed (`utils.added_later`)."""
+        return cls(**{**fields_added_later(cls), **saved})
 
     def model_config(self, image_dim: int, text_dim: int, num_classes: int) -> ModelConfig:
         return ModelConfig(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, embed_dim=self.embed_dim,

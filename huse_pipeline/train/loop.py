@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from huse_pipeline.errors import HuseError
 from huse_pipeline.store.features import FeatureSet, features_digest, read_features
 from huse_pipeline.train.batches import _DeviceData, _to_device
-from huse_pipeline.train.config import FIELDS_ADDED_LATER, RESUME_MAY_CHANGE, SELECT_METRICS, TrainConfig
+from huse_pipeline.train.config import RESUME_MAY_CHANGE, SELECT_METRICS, TrainConfig
 from huse_pipeline.train.losses import classification_loss, huse_loss
 from huse_pipeline.train.model import (
     HuseModel,
@@ -29,7 +29,7 @@ from huse_pipeline.train.model import (
     save_checkpoint,
 )
 from huse_pipeline.train.run import _Run, new_run_dir
-from huse_pipeline.utils import resolve_device
+from huse_pipeline.utils import fields_added_later, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _check_resumable(ckpt: dict[str, Any], fs: FeatureSet, cfg: TrainConfig) -> 
     if ckpt.get("features_digest") != features_digest(fs):
         raise HuseError(f"{fs.path} holds different items or features than the run being resumed was trained on; "
                         "resume with the original feature file or start a new run")
-    saved = {**FIELDS_ADDED_LATER, **ckpt["train_config"]}  # as from_saved: a field it lacks had its old value
+    saved = {**fields_added_later(TrainConfig), **ckpt["train_config"]}  # as from_saved: a field it lacks had its old value
     changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in asdict(cfg).items()
                if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
     if changed:
