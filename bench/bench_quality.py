@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from huse_pipeline.train.config import TrainConfig  # noqa: E402
+
 # Each variant: the TrainConfig fields it changes from the defaults (passed as `huse train` options).
 # `or-beta=0.3` is not an ablation but the setting of the graph loss that shapes the space most towards
 # the class graph at the least accuracy cost on val (BENCHMARKS.md, round 5); reported, not chosen here.

@@ -19,9 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from huse_pipeline.train.config import TrainConfig
 from huse_pipeline.train.losses import graph_loss, huse_loss
 from huse_pipeline.train.model import HuseModel
-from huse_pipeline.train.config import TrainConfig
 
 
 def sync(device: torch.device) -> None:

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline.store import features  # noqa: E402
 from huse_pipeline.eval.evaluate import split_outputs  # noqa: E402
+from huse_pipeline.store import features  # noqa: E402
 from huse_pipeline.train.model import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 

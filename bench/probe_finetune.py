@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from huse_pipeline.data.catalogue import read_catalogue  # noqa: E402
-from huse_pipeline.encoders.image import load_image_encoder  # noqa: E402
 from huse_pipeline.data.images import ImageTransform  # noqa: E402
+from huse_pipeline.encoders.image import load_image_encoder  # noqa: E402
 
 
 def stage_ends(network: nn.Module) -> list[int]:

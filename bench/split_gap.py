@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline.store import features  # noqa: E402
 from huse_pipeline.eval.evaluate import split_outputs  # noqa: E402
+from huse_pipeline.store import features  # noqa: E402
 from huse_pipeline.train.model import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 

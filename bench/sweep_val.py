@@ -28,12 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from huse_pipeline.store import features  # noqa: E402
+from huse_pipeline.eval.evaluate import (  # noqa: E402
+    all_retrieval_metrics,
+    classification_metrics,
+    split_outputs,
+    universal_space_metrics,
+)
 from huse_pipeline.measures import metrics  # noqa: E402
-from huse_pipeline.eval.evaluate import (all_retrieval_metrics, classification_metrics, split_outputs,  # noqa: E402
-                                         universal_space_metrics)
-from huse_pipeline.train.loop import fit  # noqa: E402
+from huse_pipeline.store import features  # noqa: E402
 from huse_pipeline.train.config import make_config  # noqa: E402
+from huse_pipeline.train.loop import fit  # noqa: E402
 
 COLUMNS = ["acc/image", "acc/text", "acc/fused", "img2img/R@1", "img2txt/R@1", "txt2img/R@1", "txt2txt/R@1",
            "img2txt/HP@10", "txt2img/HP@10", "img2img/severity", "img2txt/severity", "txt2img/severity",

@@ -2,4 +2,3 @@
 feature-cache pipeline: frozen encoders -> HDF5 cache -> HUSE towers -> evaluation."""
 
 __version__ = "0.1.0"
-DEFAULT_FEATURES = "cache/feats.h5"  # the feature file every command writes or reads unless told otherwise

@@ -20,14 +20,14 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from huse_pipeline.settings import DEFAULT_MAX_PIXELS, IMAGE_FITS
+
 log = logging.getLogger(__name__)
 
-IMAGE_FITS = ("pad", "crop", "squash")
 CROP_FRACTION = 0.875  # ImageNet convention: resize the shorter side to S / 0.875, centre-crop S
 PAD_FILL = (255, 255, 255)  # catalogue photos are shot on white
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0  # PIL: reduce() by an integer factor first when shrinking > 3x (fast, same quality)
-DEFAULT_MAX_PIXELS = 64_000_000
 
 
 class BadImage(Exception):

@@ -18,19 +18,18 @@ import torch
 from torch import nn
 
 from huse_pipeline.errors import HuseError
+from huse_pipeline.settings import (
+    DEFAULT_IMAGE_ENCODER,
+    EFFICIENTNET_LITES,
+    ENCODER_JOIN,
+    IMAGE_ENCODERS,
+    RESNETS,
+    check_image_pool,
+    split_encoder_names,
+)
 
 log = logging.getLogger(__name__)
 
-# chosen on the val split of the real catalogue together with --image-input-dropout 0.3 (BENCHMARKS.md)
-DEFAULT_IMAGE_ENCODER = "efficientnet-lite0+efficientnet-lite2"
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-EFFICIENTNET_LITES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
-IMAGE_ENCODERS = EFFICIENTNET_LITES + RESNETS + ("stub",)
-ENCODER_JOIN = "+"  # "efficientnet-lite0+efficientnet-lite2": features concatenated
-# avg: global average of the last feature map. avg+mid: also the output of the stage before it,
-# averaged over a 2x2 grid (coarse layout and mid-level texture; the same forward pass)
-IMAGE_POOLS = ("avg", "avg+mid")
-DEFAULT_IMAGE_POOL = "avg+mid"  # chosen on the real catalogue's val split (BENCHMARKS.md, round 6)
 MID_GRID = 2
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -270,23 +269,6 @@ class ConcatImageEncoder(ImageEncoder):
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         raise HuseError(f"{self.name} is a concatenation of encoders; classify with one of its members")
-
-
-def check_image_pool(pool: str) -> None:
-    if pool not in IMAGE_POOLS:
-        raise HuseError(f"unknown --image-pool {pool!r}; choose one of {', '.join(IMAGE_POOLS)}")
-
-
-def split_encoder_names(name: str) -> list[str]:
-    """`a+b` -> [a, b], each checked to be a known image encoder (no repeats)."""
-    names = [part.strip() for part in name.split(ENCODER_JOIN)]
-    unknown = [n for n in names if n not in IMAGE_ENCODERS]
-    if unknown:
-        raise HuseError(f"unknown image encoder {unknown[0]!r}; choose one of {', '.join(IMAGE_ENCODERS)}, "
-                        f"or several joined by '{ENCODER_JOIN}' (their features are concatenated)")
-    if len(set(names)) != len(names):
-        raise HuseError(f"image encoder {name!r} names the same network twice")
-    return names
 
 
 def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: str | None = None,

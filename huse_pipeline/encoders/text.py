@@ -15,11 +15,9 @@ import numpy as np
 import torch
 
 from huse_pipeline.errors import HuseError
+from huse_pipeline.settings import DEFAULT_TEXT_ENCODER
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
-
 
 
 

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from huse_pipeline import DEFAULT_FEATURES
 from huse_pipeline.data.hierarchy import Hierarchy, hierarchical_sets
 from huse_pipeline.errors import HuseError
 from huse_pipeline.measures import metrics
@@ -32,6 +31,7 @@ from huse_pipeline.measures.retrieval import (
     l2_normalize,
     target_ranks,
 )
+from huse_pipeline.settings import DEFAULT_FEATURES
 from huse_pipeline.store import features
 from huse_pipeline.train.model import HuseModel, check_compatible, load_checkpoint, model_from_checkpoint
 from huse_pipeline.utils import atomic_path, resolve_device

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from huse_pipeline.measures.retrieval import DEFAULT_GALLERY_CHUNK, DEFAULT_QUERY_CHUNK
+from huse_pipeline.settings import DEFAULT_RUNS_DIR
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class EvalConfig:
     baselines: bool = False  # also train the separate-model baselines and score raw features
     report: str | None = None  # folder for the HTML report (index.html)
     device: str = "auto"
-    runs_dir: str = "cache/runs"
+    runs_dir: str = DEFAULT_RUNS_DIR
     batch_size: int = 4096  # items per forward pass
     query_chunk: int = DEFAULT_QUERY_CHUNK  # retrieval block size: memory ~ query_chunk x gallery_chunk
     gallery_chunk: int = DEFAULT_GALLERY_CHUNK

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from huse_pipeline import DEFAULT_FEATURES
 from huse_pipeline.data.hierarchy import Hierarchy
 from huse_pipeline.encoders.text import TextEncoder, load_text_encoder
 from huse_pipeline.errors import HuseError
+from huse_pipeline.settings import DEFAULT_FEATURES
 from huse_pipeline.store import features
 from huse_pipeline.utils import resolve_device
 

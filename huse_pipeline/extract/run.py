@@ -22,21 +22,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from huse_pipeline import DEFAULT_FEATURES, __version__
+from huse_pipeline import __version__
 from huse_pipeline.data.catalogue import Catalogue, file_sha256, read_catalogue
-from huse_pipeline.data.images import IMAGE_FITS, CatalogueImages, ImageTransform, collate_images
+from huse_pipeline.data.images import CatalogueImages, ImageTransform, collate_images
 from huse_pipeline.data.text import describe as describe_text
 from huse_pipeline.data.text import prepare_texts
-from huse_pipeline.encoders.image import (
-    DEFAULT_IMAGE_ENCODER,
-    DEFAULT_IMAGE_POOL,
-    ImageEncoder,
-    check_image_pool,
-    load_image_encoder,
-)
-from huse_pipeline.encoders.text import DEFAULT_TEXT_ENCODER, TextEncoder, load_text_encoder
+from huse_pipeline.encoders.image import ImageEncoder, load_image_encoder
+from huse_pipeline.encoders.text import TextEncoder, load_text_encoder
 from huse_pipeline.errors import HuseError
 from huse_pipeline.extract.plan import csv_line_numbers, part_path, parts_folder, plan_batches, plan_parts
+from huse_pipeline.settings import (DEFAULT_FEATURES, DEFAULT_IMAGE_ENCODER, DEFAULT_IMAGE_POOL, DEFAULT_MAX_PIXELS,
+                                    DEFAULT_TEXT_ENCODER, IMAGE_FITS, check_image_pool)
 from huse_pipeline.store import features
 from huse_pipeline.utils import added_later, atomic_path, fields_added_later, resolve_device
 
@@ -72,7 +68,7 @@ class ExtractConfig:
     device: str = "auto"
     part_rows: int = 1024  # rows per part file (unit of resumption and, later, of sharding)
     strict: bool = False
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
 
 # ------------------------------------------------------------------------------ process set-up

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from huse_pipeline.errors import HuseError
+from huse_pipeline.settings import DEFAULT_RUNS_DIR
 from huse_pipeline.train.losses import GRAPH_PAIRS, MARGIN_RULES
 from huse_pipeline.train.model import (
     ModelConfig,
@@ -28,7 +29,7 @@ INPUT_NORMS = ("standardize", "none")
 SELECT_METRICS = {"val/acc/mean": 1, "val/acc/fused": 1, "val/acc/image": 1, "val/acc/text": 1, "val/loss": -1}
 # what --resume may change; everything else must match the interrupted run
 RESUME_MAY_CHANGE = ("epochs", "steps", "patience", "eval_every", "device", "amp")
-RUNS_ROOT = Path("cache/runs")
+RUNS_ROOT = Path(DEFAULT_RUNS_DIR)
 
 # Optimiser presets. "paper": §4.1.3 (RMSProp, lr 1.6192e-5, momentum 0.9, batch 1024, no schedule
 # given; the paper ran 250,000 steps: --steps 250000). "default": AdamW with a cosine schedule that

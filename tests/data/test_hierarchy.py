@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from huse_pipeline.errors import HuseError
 from huse_pipeline.data.hierarchy import Hierarchy, hierarchical_sets
+from huse_pipeline.errors import HuseError
 
 
 def _brute_tree_distance(paths):

@@ -10,7 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from huse_pipeline.data.images import (BadImage, CatalogueImages, ImageTransform, collate_images, fit_image, load_rgb, to_rgb, view_seed)
+from huse_pipeline.data.images import (
+    BadImage,
+    CatalogueImages,
+    ImageTransform,
+    collate_images,
+    fit_image,
+    load_rgb,
+    to_rgb,
+    view_seed,
+)
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -12,12 +12,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from huse_pipeline.store import features
+from huse_pipeline.data.images import ImageTransform
 from huse_pipeline.encoders.image import load_image_encoder
 from huse_pipeline.encoders.text import load_text_encoder
 from huse_pipeline.errors import HuseError
 from huse_pipeline.extract.run import ExtractConfig, extract_features
-from huse_pipeline.data.images import ImageTransform
+from huse_pipeline.store import features
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photos")
 

@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from test_evaluate import build_eval_fixture, fake_fit
 
 from huse_pipeline.eval.report import _top_level, _top_level_of_predictions

@@ -21,15 +21,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli
-from huse_pipeline.extract import run as extract
-from huse_pipeline.store import features
+from huse_pipeline.data.images import ImageTransform
+from huse_pipeline.data.text import normalise_text
 from huse_pipeline.encoders.image import StubImageEncoder
 from huse_pipeline.encoders.text import StubTextEncoder
 from huse_pipeline.errors import HuseError
-from huse_pipeline.extract.run import ExtractConfig, extract_features
+from huse_pipeline.extract import run as extract
 from huse_pipeline.extract.plan import csv_line_numbers, parts_folder, plan_batches, plan_parts
-from huse_pipeline.data.images import ImageTransform
-from huse_pipeline.data.text import normalise_text
+from huse_pipeline.extract.run import ExtractConfig, extract_features
+from huse_pipeline.store import features
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["apparel<topwear<shirts", "apparel<bottomwear<jeans", "footwear<shoes<sneakers"]

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from huse_pipeline.store import features
 from huse_pipeline.encoders.text import StubTextEncoder
 from huse_pipeline.errors import HuseError
 from huse_pipeline.extract.graph import GraphConfig, build_graph, class_text, semantic_graph, tree_graph
+from huse_pipeline.store import features
 
 
 @pytest.mark.parametrize(

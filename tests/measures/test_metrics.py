@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from huse_pipeline.measures import metrics
-from huse_pipeline.eval.evaluate import retrieval_metrics
 from huse_pipeline.data.hierarchy import Hierarchy, hierarchical_sets
+from huse_pipeline.eval.evaluate import retrieval_metrics
+from huse_pipeline.measures import metrics
 from huse_pipeline.measures.retrieval import l2_normalize
 
 
@@ -223,9 +223,8 @@ def test_hierarchical_precision_and_severity_by_hand_depth3():
 
 
 def test_recall_and_map_agree_with_pytorch_metric_learning():
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
     from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import CustomKNN
 
     calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",

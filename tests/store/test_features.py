@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from huse_pipeline.store import features
 from huse_pipeline.errors import HuseError
+from huse_pipeline.store import features
 
 
 def _catalogue(n):
@@ -121,6 +121,7 @@ def test_clear_errors_for_missing_or_foreign_files(tmp_path):
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     import os
+
     from huse_pipeline.utils import atomic_path
 
     umask = os.umask(0o022)

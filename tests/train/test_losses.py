@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from huse_pipeline.train import losses
 from huse_pipeline.errors import HuseError
+from huse_pipeline.train import losses
 from huse_pipeline.train.losses import classification_loss, gap_loss, graph_loss, huse_loss
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}

@@ -1,9 +1,16 @@
 """The HUSE model (paper §3.2) and the checkpoint contract."""
-import torch
 import pytest
+import torch
 
 from huse_pipeline.errors import HuseError
-from huse_pipeline.train.model import (HuseModel, ModelConfig, check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint)
+from huse_pipeline.train.model import (
+    HuseModel,
+    ModelConfig,
+    check_compatible,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 
 def _model(**kw):
