@@ -94,6 +94,64 @@ def _echo_summary(title: str, summary: dict) -> None:
     click.echo(f"{title}\n" + json.dumps(summary, indent=2, default=str))
 
 
+# ------------------------------------------------------------------------------ pre-flight
+# What the user gave is checked before torch and the encoders are imported (many seconds on a busy
+# machine), with torch-free code only, so a wrong path or value is reported at once. The library
+# checks the same things again; the messages here are its messages.
+
+
+def _check_features(path: str, need_graph: bool = False) -> dict:
+    """The feature file's attributes; HuseError if it is missing, not a feature file of this
+    version, or (with `need_graph`) has no complete semantic graph."""
+    from huse_pipeline.store import features  # h5py, numpy, pandas: no torch
+
+    attrs = features.read_attrs(path)
+    if need_graph and not attrs["has_graph"]:
+        if attrs["graph_incomplete"]:
+            raise HuseError(f"the semantic graph in {path} is incomplete (`huse build-graph` was interrupted): "
+                            f"run `huse build-graph --features {path}` again")
+        raise HuseError(f"{path} has no semantic graph: run `huse build-graph --features {path}` first")
+    return attrs
+
+
+def _preflight_extract(catalogue: str, options: dict) -> None:
+    from huse_pipeline.data.catalogue import read_catalogue  # pandas: no torch
+
+    # the whole structural check (file, columns, split values, shifted rows), as extraction makes it
+    read_catalogue(catalogue, options["image_root"], options["label_sep"], options["split_seed"],
+                   options["val_fraction"], options["test_fraction"])
+    if options["image_root"] is not None and not Path(options["image_root"]).is_dir():
+        raise HuseError(f"--image-root {options['image_root']} is not a folder")
+    weights = options["image_weights"]
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise HuseError(f"--image-weights {weights} is not a file")
+
+
+def _preflight_train(features: str, features_given: bool, out: str | None, resume: bool, options: dict,
+                     given: dict) -> None:
+    """The run folder and the feature file `huse train` would use (the run's own one with --resume)."""
+    train = options
+    if resume:
+        from huse_pipeline.runs import read_run_config
+
+        saved = read_run_config(out)
+        saved_train, saved_features = saved["train"], saved["features"]
+        train = {**saved_train, **given}
+        features = features if features_given else saved_features
+    elif out is not None and (Path(out) / "last.pt").is_file():
+        raise HuseError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    _check_features(features, need_graph=train.get("modality", "both") == "both" and train.get("beta", 1.0) > 0)
+
+
+def _preflight_eval(run: str | None, checkpoint: str | None, features: str | None) -> None:
+    """The checkpoint and the feature file `huse eval` would use, chosen as the evaluation chooses them."""
+    from huse_pipeline.runs import resolve_checkpoint, resolve_features
+
+    _, run_dir = resolve_checkpoint(run, checkpoint)
+    features = resolve_features(features, run_dir)
+    _check_features(features)
+
+
 # ------------------------------------------------------------------------------ stage one
 
 
@@ -149,6 +207,8 @@ def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
 
     Interrupted runs continue where they stopped when the same command is run again.
     """
+    catalogue = catalogue or _default_catalogue()
+    _preflight_extract(catalogue, options)
     import torch
 
     from huse_pipeline.extract.run import ExtractConfig, extract_features, tune_cpu_allocator
@@ -159,7 +219,7 @@ def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
         threads = max(1, torch.get_num_threads() - 1)  # leave a core to the decoding workers (BENCHMARKS.md)
     if threads:
         torch.set_num_threads(threads)
-    cfg = ExtractConfig(catalogue=catalogue or _default_catalogue(), **options)
+    cfg = ExtractConfig(catalogue=catalogue, **options)
     summary = extract_features(cfg, overwrite=overwrite)
     if summary.pop("up_to_date"):
         _echo_summary(f"{cfg.out} is up to date (same catalogue and settings): nothing to do. "
@@ -179,6 +239,7 @@ def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
 @click.option("--device", type=DEVICES, default="auto")
 def build_graph_cmd(**options) -> None:
     """Compute the semantic graph A over the classes and the class hierarchy, into the feature file."""
+    _check_features(options["features"])
     from huse_pipeline.extract.graph import GraphConfig, build_graph
 
     summary = build_graph(GraphConfig(**options))
@@ -256,18 +317,22 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
     """
     from click.core import ParameterSource
 
-    from huse_pipeline.train.config import make_config
-    from huse_pipeline.train.loop import train
-    from huse_pipeline.train.run import new_run_dir, resume_config
-
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    features_given = ctx.get_parameter_source("features") is not ParameterSource.DEFAULT
     if resume:
         if out is None:
             raise click.UsageError("--resume needs --out, the run folder to continue")
         if ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
             raise click.UsageError("--preset cannot change a run being resumed; give only the options to change")
+    _preflight_train(features, features_given, out, resume, options, given)
+
+    from huse_pipeline.train.config import make_config
+    from huse_pipeline.train.loop import train
+    from huse_pipeline.train.run import new_run_dir, resume_config
+
+    if resume:
         saved_features, cfg = resume_config(out, given)
-        if ctx.get_parameter_source("features") is ParameterSource.DEFAULT:
+        if not features_given:
             features = saved_features
     else:
         cfg = make_config(preset, **given)
@@ -309,6 +374,7 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
 def eval_cmd(**options) -> None:
     """Evaluate a trained model on one split: classification, class- and instance-level retrieval,
     hierarchical precision, mistake severity, the fidelity of the universal space."""
+    _preflight_eval(options["run"], options["checkpoint"], options["features"])
     from huse_pipeline.eval.evaluate import EvalConfig, run_evaluation
     from huse_pipeline.measures.keys import format_table
 

@@ -191,7 +191,7 @@ def main() -> None:
                   f"img2txt/R@1 {results[variant][-1]['img2txt/R@1']:.3f}", flush=True)
 
     config = json.loads((work / "runs" / f"huse-seed{args.seeds[0]}" / "config.json").read_text())
-    attrs_cmd = [sys.executable, "-c", "import json,sys; from huse_pipeline.features import read_attrs; "
+    attrs_cmd = [sys.executable, "-c", "import json,sys; from huse_pipeline.store.features import read_attrs; "
                  "a = {'image_pool': 'avg', **read_attrs(sys.argv[1])}; print(json.dumps({k: a.get(k) for k in "
                  "('image_encoder', 'image_pool', 'image_dim', 'text_encoder', 'augment_views', 'n_items', 'split_counts')}))",
                  feats]  # a file without image_pool was made before the option, with the plain global average

@@ -31,54 +31,16 @@ from huse_pipeline.measures.retrieval import (
     l2_normalize,
     target_ranks,
 )
-from huse_pipeline.settings import DEFAULT_FEATURES
 from huse_pipeline.store import features
 from huse_pipeline.train.model import HuseModel, check_compatible, load_checkpoint, model_from_checkpoint
 from huse_pipeline.utils import atomic_path, resolve_device
 
 log = logging.getLogger(__name__)
 
+from huse_pipeline.runs import latest_run, resolve_checkpoint, resolve_features  # noqa: F401 (latest_run: API)
 from huse_pipeline.eval.outputs import EvalConfig, EvalResult, SplitOutputs
 from huse_pipeline.train.config import TrainConfig
 from huse_pipeline.train.loop import fit
-
-# ------------------------------------------------------------------------------ locating runs
-
-
-TRAINING_FILES = ("best.pt", "last.pt", "metrics.jsonl")  # written by `huse train` only
-
-
-def _trained_at(run: Path) -> float:
-    """When `huse train` last wrote to the run (not the folder's time, which an eval JSON moves)."""
-    return max((run / name).stat().st_mtime for name in TRAINING_FILES if (run / name).is_file())
-
-
-def latest_run(runs_dir: str | Path) -> Path:
-    """The run under `runs_dir` (a folder with a best.pt) that was trained most recently."""
-    runs_dir = Path(runs_dir)
-    runs = [p for p in runs_dir.glob("*") if (p / "best.pt").is_file()] if runs_dir.is_dir() else []
-    if not runs:
-        raise HuseError(f"no run with a best.pt under {runs_dir}/: train one with `huse train`, "
-                        "or pass --run DIR or --checkpoint FILE")
-    return max(runs, key=lambda p: (_trained_at(p), p.name))
-
-
-def resolve_checkpoint(cfg: EvalConfig) -> tuple[Path, Path | None]:
-    """(checkpoint file, run folder or None) from --run / --checkpoint / the latest run."""
-    if cfg.run and cfg.checkpoint:
-        raise HuseError("give either --run or --checkpoint, not both")
-    if cfg.checkpoint:
-        ckpt = Path(cfg.checkpoint)
-        if not ckpt.is_file():
-            raise HuseError(f"checkpoint {ckpt} does not exist")
-        parent = ckpt.parent
-        is_run = (parent / "metrics.jsonl").is_file() or (parent / "config.json").is_file()
-        return ckpt, parent if is_run else None
-    run = Path(cfg.run) if cfg.run else latest_run(cfg.runs_dir)
-    if not (run / "best.pt").is_file():
-        raise HuseError(f"{run} has no best.pt: pass a run folder written by `huse train`, or --checkpoint FILE")
-    return run / "best.pt", run
-
 
 # ------------------------------------------------------------------------------ model outputs
 
@@ -239,20 +201,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def resolve_features(cfg: EvalConfig, run_dir: Path | None) -> str:
-    """--features if given; else the feature file the run was trained on, if it is still there;
-    else cache/feats.h5."""
-    if cfg.features:
-        return cfg.features
-    try:
-        saved = json.loads((run_dir / "config.json").read_text())["features"] if run_dir else None
-    except (OSError, ValueError, KeyError, TypeError):
-        saved = None
-    if saved and Path(saved).is_file():
-        return str(saved)
-    return DEFAULT_FEATURES
-
-
 def check_same_items(ckpt: dict[str, Any], fs: features.FeatureSet, cfg: EvalConfig) -> bool:
     """Whether `fs` holds the items (features, labels, splits) the checkpoint was trained on. If not,
     its test items may be the model's training items, so this refuses unless --other-features."""
@@ -270,9 +218,9 @@ def check_same_items(ckpt: dict[str, Any], fs: features.FeatureSet, cfg: EvalCon
 def run_evaluation(cfg: EvalConfig) -> EvalResult:
     """Evaluate a checkpoint on one split; write the JSON (and the report); return everything."""
     start = time.perf_counter()
-    ckpt_path, run_dir = resolve_checkpoint(cfg)
+    ckpt_path, run_dir = resolve_checkpoint(cfg.run, cfg.checkpoint, cfg.runs_dir)
     ckpt = load_checkpoint(ckpt_path)
-    cfg = replace(cfg, features=resolve_features(cfg, run_dir))
+    cfg = replace(cfg, features=resolve_features(cfg.features, run_dir))
     attrs = features.read_attrs(cfg.features)
     class_names = features.read_class_names(cfg.features)
     check_compatible(ckpt, attrs, class_names, cfg.features)

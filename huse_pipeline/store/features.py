@@ -16,15 +16,17 @@ Schema version 1 (`N` usable items, `C` classes, `K` augmented views, `S` skippe
     /graph/class_dist (C, C) float32   semantic graph A (written by `huse build-graph`)
     /hierarchy/tree_dist (C, C) int64, /hierarchy/nodes (str)      class tree from the label paths
 
-Stage one writes row ranges as *part files* (each complete or absent) and merges them; every
-write goes to a temporary file that replaces the target atomically, so an interrupted run never
-leaves a file that looks complete.
+Stage one writes row ranges as *part files* (each complete or absent) and merges them; each of
+those writes goes to a temporary file that replaces the target atomically, so an interrupted run
+never leaves a file that looks complete. `huse build-graph` instead rewrites /graph and /hierarchy
+in place (their sizes are fixed by C, so the file never grows and is never copied); /graph carries
+`write_complete` false while it writes, and readers treat such a graph as absent.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,9 +39,15 @@ from huse_pipeline import __version__
 from huse_pipeline.errors import HuseError
 from huse_pipeline.utils import atomic_path
 
+log = logging.getLogger(__name__)
+
 FORMAT = "huse-features"
 SCHEMA_VERSION = 1
 _STR = h5py.string_dtype(encoding="utf-8")
+# attribute of /graph: false from the start of a `huse build-graph` write until its end (absent in
+# files written before it existed, whose graphs were written atomically and are complete)
+GRAPH_COMPLETE = "write_complete"
+_ATTR_IN_HEADER = 32 * 1024  # bytes; an HDF5 object header message holds at most 64 KiB
 
 
 # ----------------------------------------------------------------------------------------- attrs
@@ -48,6 +56,22 @@ _STR = h5py.string_dtype(encoding="utf-8")
 def _write_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
     for key, value in attrs.items():
         obj.attrs[key] = json.dumps(value, sort_keys=True)
+
+
+def _rewrite_attrs(obj: h5py.HLObject, attrs: dict[str, Any], keep: Sequence[str] = ()) -> None:
+    """Make `attrs` (JSON-encoded) the attributes of `obj` (besides those in `keep`), reusing the file's
+    space: an unchanged value is not rewritten, and a value up to _ATTR_IN_HEADER bytes is a fixed-length
+    string kept in the object header, whose space a rewrite reuses. (A variable-length string lives in
+    the global heap, which HDF5 never reclaims; only a larger value is stored so.)"""
+    for key in [k for k in obj.attrs if k not in attrs and k not in keep]:
+        del obj.attrs[key]
+    for key, value in attrs.items():
+        text = json.dumps(value, sort_keys=True)
+        old = obj.attrs.get(key)
+        if (old.decode() if isinstance(old, bytes) else old) == text:
+            continue
+        raw = text.encode()
+        obj.attrs[key] = np.bytes_(raw) if len(raw) <= _ATTR_IN_HEADER else text
 
 
 def _read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
@@ -64,13 +88,18 @@ def _strings(ds: h5py.Dataset) -> list[str]:
     return ds.asstr()[()].tolist()
 
 
-def _open(path: str | Path) -> h5py.File:
+def _open(path: str | Path, mode: str = "r") -> h5py.File:
+    """Open a feature file (`r`, or `r+` to modify it in place), checking that it is one."""
     path = Path(path)
     if not path.is_file():
         raise HuseError(f"feature file {path} does not exist: run `huse extract-features --out {path}` first")
+    if mode != "r" and not h5py.is_hdf5(path):
+        raise HuseError(f"{path} is not a readable HDF5 feature file; re-run `huse extract-features`")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, mode)
     except OSError as exc:
+        if mode != "r":  # a valid file that cannot be written: read-only, or open in another process
+            raise HuseError(f"cannot open {path} for writing ({exc})") from exc
         raise HuseError(f"{path} is not a readable HDF5 feature file ({exc}); re-run `huse extract-features`") from exc
     attrs = _read_attrs(f)
     if attrs.get("format") != FORMAT:
@@ -285,11 +314,31 @@ class FeatureSet:
         return Path(self.attrs.get("image_root", "."))
 
 
+def _graph_state(f: h5py.File) -> str:
+    """`absent`, `incomplete` (a `huse build-graph` was interrupted) or `complete`."""
+    if "graph" not in f or "class_dist" not in f["graph"]:
+        return "absent"
+    done = f["graph"].attrs.get(GRAPH_COMPLETE)
+    return "complete" if done is None or json.loads(done) is True else "incomplete"
+
+
+def _graph_present(f: h5py.File, path: Path) -> bool:
+    """Whether the file holds a complete graph; an interrupted one is absent, with a warning."""
+    state = _graph_state(f)
+    if state == "incomplete":
+        log.warning("the semantic graph in %s is incomplete (`huse build-graph` was interrupted) and is ignored: "
+                    "run `huse build-graph --features %s` again", path, path)
+    return state == "complete"
+
+
 def read_attrs(path: str | Path) -> dict[str, Any]:
-    """The root attributes of a feature file, plus `has_graph` and `has_views` flags (cheap)."""
+    """The root attributes of a feature file, plus `has_graph`, `graph_incomplete` and `has_views`
+    flags (cheap). An interrupted `huse build-graph` leaves `has_graph` false, `graph_incomplete` true."""
     with _open(path) as f:
         attrs = _read_attrs(f)
-        attrs["has_graph"] = "graph" in f
+        state = _graph_state(f)
+        attrs["has_graph"] = state == "complete"
+        attrs["graph_incomplete"] = state == "incomplete"
         attrs["has_views"] = "views" in f
         return attrs
 
@@ -319,11 +368,11 @@ def read_features(path: str | Path, views: bool = False) -> FeatureSet:
         if views and "views" in f:
             fs.view_emb = f["views/image_emb"][()]
             fs.view_item = f["views/item"][()]
-        if "graph" in f:
+        if _graph_present(f, path):  # the hierarchy is written with the graph, under the same flag
             fs.class_dist = f["graph/class_dist"][()]
-            fs.graph_attrs = _read_attrs(f["graph"])
-        if "hierarchy" in f:
-            fs.tree_dist = f["hierarchy/tree_dist"][()]
+            fs.graph_attrs = {k: v for k, v in _read_attrs(f["graph"]).items() if k != GRAPH_COMPLETE}
+            if "hierarchy/tree_dist" in f:
+                fs.tree_dist = f["hierarchy/tree_dist"][()]
         if "skipped" in f:
             g = f["skipped"]
             fs.skipped = pd.DataFrame(
@@ -335,6 +384,18 @@ def read_features(path: str | Path, views: bool = False) -> FeatureSet:
 # ----------------------------------------------------------------------------------- graph
 
 
+def _write_in_place(group: h5py.Group, name: str, data: np.ndarray) -> None:
+    """group[name] = data, overwriting the existing dataset when its shape and dtype match (no new
+    space in the file); otherwise (re)created."""
+    if name in group:
+        ds = group[name]
+        if isinstance(ds, h5py.Dataset) and ds.shape == data.shape and ds.dtype == data.dtype:
+            ds[...] = data
+            return
+        del group[name]
+    group.create_dataset(name, data=data)
+
+
 def write_graph(
     path: str | Path,
     class_dist: np.ndarray,
@@ -342,28 +403,42 @@ def write_graph(
     nodes: Sequence[str],
     graph_attrs: dict[str, Any],
 ) -> None:
-    """Add (or replace) the semantic graph and the class hierarchy in a feature file, atomically.
+    """Write (or rewrite) the semantic graph and the class hierarchy into a feature file, in place.
 
-    The file is copied, the copy is modified and then replaces the original, so an interrupted
-    `huse build-graph` leaves the earlier file intact.
+    The datasets' sizes are fixed by the number of classes, so a rewrite overwrites their values and
+    the file neither grows nor is copied. /graph is flagged incomplete (`write_complete` false, on
+    disk) before any value changes and complete only after the last one, so an interrupted write
+    leaves a graph that every reader ignores, saying to run `huse build-graph` again.
     """
     path = Path(path)
-    with _open(path) as f:
+    class_dist = np.asarray(class_dist, dtype=np.float32)
+    tree_dist = np.asarray(tree_dist, dtype=np.int64)
+    nodes = list(nodes)
+    if GRAPH_COMPLETE in graph_attrs:
+        raise HuseError(f"internal error: {GRAPH_COMPLETE!r} is a reserved graph attribute")
+    with _open(path, "r+") as f:
         n_classes = len(f["classes/name"])
-    if class_dist.shape != (n_classes, n_classes) or tree_dist.shape != (n_classes, n_classes):
-        raise HuseError(f"graph shape {class_dist.shape} does not match the {n_classes} classes of {path}")
-    with atomic_path(path) as tmp:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            for name in ("graph", "hierarchy"):
-                if name in f:
-                    del f[name]
-            g = f.create_group("graph")
-            g.create_dataset("class_dist", data=np.asarray(class_dist, dtype=np.float32))
-            _write_attrs(g, graph_attrs)
-            h = f.create_group("hierarchy")
-            h.create_dataset("tree_dist", data=np.asarray(tree_dist, dtype=np.int64))
-            h.create_dataset("nodes", data=np.asarray(list(nodes), dtype=object), dtype=_STR)
+        if class_dist.shape != (n_classes, n_classes) or tree_dist.shape != (n_classes, n_classes):
+            raise HuseError(f"graph shape {class_dist.shape} does not match the {n_classes} classes of {path}")
+        if "graph/class_dist" not in f:
+            # first write: make the dataset (and its group) before anything else, so a failure here leaves
+            # the file as it was, and flag it before its values exist
+            f.create_dataset("graph/class_dist", shape=class_dist.shape, dtype=class_dist.dtype)
+        graph = f["graph"]
+        _rewrite_attrs(graph, {GRAPH_COMPLETE: False}, keep=list(graph.attrs))
+        f.flush()  # the flag reaches the disk before the first value changes
+        _write_in_place(graph, "class_dist", class_dist)
+        hierarchy = f.require_group("hierarchy")
+        _write_in_place(hierarchy, "tree_dist", tree_dist)
+        # the nodes follow from the class names, which a feature file never changes: rewritten only if they
+        # differ (a variable-length string dataset would take new space at every write)
+        if "nodes" not in hierarchy or _strings(hierarchy["nodes"]) != nodes:
+            if "nodes" in hierarchy:
+                del hierarchy["nodes"]
+            hierarchy.create_dataset("nodes", data=np.asarray(nodes, dtype=object), dtype=_STR)
+        _rewrite_attrs(graph, graph_attrs, keep=[GRAPH_COMPLETE])  # drops a previous build's other settings
+        f.flush()  # every value is on disk before the flag says so
+        _rewrite_attrs(graph, {GRAPH_COMPLETE: True}, keep=list(graph.attrs))
 
 
 def features_digest(fs: FeatureSet) -> str:
@@ -373,4 +448,38 @@ def features_digest(fs: FeatureSet) -> str:
     for arr in (fs.image_emb, fs.text_emb, fs.labels):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update("\n".join(map(str, fs.split)).encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------ reading in blocks
+# (for `huse index`: memory bounded by one block of rows, whatever the catalogue's size)
+
+ITEM_STRING_FIELDS = ("split", "image_path", "text", "text_used")
+
+
+def iter_item_blocks(path: str | Path, fields: Sequence[str], block_rows: int = 16384):
+    """Yield (first item index, {field: that block's rows}) over /items in file order.
+
+    `fields` are names under /items (image_emb, text_emb, label, split, row, image_path, text,
+    text_used); string fields come as lists. Only one block is in memory at a time.
+    """
+    with _open(path) as f:
+        items = f["items"]
+        n = len(items["label"])
+        for start in range(0, n, block_rows):
+            stop = min(n, start + block_rows)
+            yield start, {name: (items[name].asstr()[start:stop].tolist() if name in ITEM_STRING_FIELDS
+                                 else items[name][start:stop]) for name in fields}
+
+
+def file_features_digest(path: str | Path, block_rows: int = 16384) -> str:
+    """`features_digest` of the feature file at `path` (the same value), read in blocks of rows."""
+    h = hashlib.blake2b(digest_size=16)
+    with _open(path) as f:
+        items = f["items"]
+        n = len(items["label"])
+        for name in ("image_emb", "text_emb", "label"):
+            for start in range(0, n, block_rows):
+                h.update(np.ascontiguousarray(items[name][start:start + block_rows]).tobytes())
+        h.update("\n".join(items["split"].asstr()[()].tolist()).encode())
     return h.hexdigest()

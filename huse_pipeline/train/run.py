@@ -17,6 +17,7 @@ import torch
 from huse_pipeline import __version__
 from huse_pipeline.errors import HuseError
 from huse_pipeline.store.features import FeatureSet
+from huse_pipeline.runs import read_run_config
 from huse_pipeline.train.config import RUNS_ROOT, TrainConfig
 from huse_pipeline.train.curves import training_curves
 from huse_pipeline.train.model import (
@@ -102,10 +103,7 @@ def new_run_dir(root: str | Path = RUNS_ROOT) -> Path:
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tuple[str, TrainConfig]:
     """The feature path and TrainConfig of an existing run, with `overrides` applied."""
-    config = Path(run_dir) / "config.json"
-    if not (Path(run_dir) / "last.pt").is_file() or not config.is_file():
-        raise HuseError(f"{run_dir} holds no run to resume (no last.pt / config.json): start it without --resume")
-    saved = json.loads(config.read_text())
+    saved = read_run_config(run_dir)
     return saved["features"], dataclasses.replace(TrainConfig.from_saved(saved["train"]), **(overrides or {}))
 
 

@@ -132,3 +132,45 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
         os.umask(umask)
     assert (tmp_path / "x.txt").read_text() == "hello"
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_graph_written_before_the_flag_existed_reads_and_rewrites(tmp_path):
+    """Files whose graph was written by the old copy-and-replace `write_graph` have no
+    `write_complete` flag and variable-length attributes: their graph counts as complete, and a
+    rewrite replaces it in place, its old attributes included."""
+    import h5py
+
+    out = tmp_path / "f.h5"
+    rng = np.random.default_rng(0)
+    features.write_synthetic(out, rng.normal(size=(3, 3)).astype("f4"), rng.normal(size=(3, 2)).astype("f4"),
+                             ["a<b", "a<c", "d"], ["train"] * 3)
+    old = np.full((3, 3), 0.5, np.float32)
+    with h5py.File(out, "r+") as f:
+        g = f.create_group("graph")
+        g.create_dataset("class_dist", data=old)
+        g.attrs["method"] = '"semantic"'
+        g.attrs["class_text"] = '"leaf"'
+        f.create_group("hierarchy").create_dataset("tree_dist", data=np.ones((3, 3), np.int64))
+    assert features.read_attrs(out)["has_graph"] and not features.read_attrs(out)["graph_incomplete"]
+    fs = features.read_features(out)
+    np.testing.assert_array_equal(fs.class_dist, old)
+    assert fs.graph_attrs == {"method": "semantic", "class_text": "leaf"}
+    a = np.array([[0, 0.2, 0.9], [0.2, 0, 0.8], [0.9, 0.8, 0]], np.float32)
+    t = np.array([[0, 2, 3], [2, 0, 3], [3, 3, 0]])
+    features.write_graph(out, a, t, ["a", "a<b", "a<c", "d"], {"method": "tree"})
+    fs = features.read_features(out)
+    np.testing.assert_array_equal(fs.class_dist, a)
+    np.testing.assert_array_equal(fs.tree_dist, t)
+    assert fs.graph_attrs == {"method": "tree"}  # the previous build's other settings are gone
+    with h5py.File(out, "r") as f:
+        assert f["hierarchy/nodes"].asstr()[()].tolist() == ["a", "a<b", "a<c", "d"]
+
+
+def test_graph_flag_is_reserved(tmp_path):
+    out = tmp_path / "f.h5"
+    rng = np.random.default_rng(0)
+    features.write_synthetic(out, rng.normal(size=(2, 3)).astype("f4"), rng.normal(size=(2, 2)).astype("f4"),
+                             ["a", "b"], ["train"] * 2)
+    with pytest.raises(HuseError, match="reserved"):
+        features.write_graph(out, np.zeros((2, 2)), np.zeros((2, 2), int), ["a", "b"], {features.GRAPH_COMPLETE: 1})
+    assert not features.read_attrs(out)["has_graph"]
