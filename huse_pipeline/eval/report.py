@@ -22,9 +22,11 @@ from matplotlib.lines import Line2D
 
 from huse_pipeline import __version__
 from huse_pipeline.data.hierarchy import Hierarchy
+from huse_pipeline.data.images import BadImage, load_rgb
 from huse_pipeline.eval.outputs import EvalConfig, EvalResult
-from huse_pipeline.measures import metrics
+from huse_pipeline.measures import keys, metrics
 from huse_pipeline.measures.retrieval import topk
+from huse_pipeline.settings import DEFAULT_MAX_PIXELS
 from huse_pipeline.store.features import FeatureSet
 from huse_pipeline.train.curves import training_curves
 from huse_pipeline.utils import atomic_path
@@ -41,7 +43,8 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
 main{max-width:1180px;margin:0 auto;padding:20px 24px 60px}
 h1{font-size:24px;margin:8px 0 4px}h2{font-size:19px;margin:0 0 10px}h3{font-size:15px;margin:14px 0 6px}
 section{background:#fff;border:1px solid #e1e4e8;border-radius:8px;padding:16px 18px;margin:16px 0}
-.meta{color:#555;font-size:13px}.meta code{background:#eef0f3;padding:1px 4px;border-radius:3px;word-break:break-all}
+.meta{color:#555;font-size:13px}.meta code{background:#eef0f3;padding:1px 4px;border-radius:3px;overflow-wrap:normal;word-break:normal}
+.nw{white-space:nowrap}
 .note{color:#666;font-size:12.5px;margin:6px 0 0}
 .scroll{overflow-x:auto;max-width:100%}
 .scroll.tall{max-height:520px;overflow-y:auto}
@@ -92,6 +95,11 @@ def _esc(x: Any) -> str:
     return html.escape(str(x))
 
 
+def _path(p: Any) -> str:
+    """A file path, escaped, that wraps only after a "/" (<wbr>), never inside a folder or file name."""
+    return _esc(p).replace("/", "/<wbr>")
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "–"
@@ -112,23 +120,35 @@ def _img(uri: str, alt: str, width: int | None = None) -> str:
     return f'<img class="fig" src="{uri}" alt="{_esc(alt)}"{style}>'
 
 
-def _thumbnail(path: Path) -> str | None:
-    """A JPEG data URI of the image at `path`, at most THUMB_PX square; None if unreadable."""
-    from PIL import Image
+def _thumbnail(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
+    """(a JPEG data URI of the image at `path`, at most THUMB_PX square, "") or (None, why not).
 
+    Decoded by stage one's `load_rgb`, so the report shows what the encoder saw: EXIF rotation
+    applied, CMYK / 16-bit / palette converted, alpha on white, images over `max_pixels` refused.
+    """
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_PX, THUMB_PX))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=82)
-    except (OSError, ValueError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        im = load_rgb(path, max_pixels=max_pixels, min_side=THUMB_PX)
+    except BadImage as exc:
+        return None, exc.reason
+    try:
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=82)
+    except (OSError, ValueError) as exc:  # e.g. a disk error while re-encoding: a placeholder, not a crash
+        return None, f"cannot make a thumbnail ({exc})"
+    finally:
+        im.close()
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), ""
 
 
-def _thumb_html(uri: str | None, caption: str, cls: str = "") -> str:
-    pic = f'<img src="{uri}" alt="">' if uri else '<div class="ph">image not found</div>'
+def _thumb_html(thumb: tuple[str | None, str], caption: str, cls: str = "") -> str:
+    """A thumbnail with its caption, or a placeholder saying why there is no picture."""
+    uri, reason = thumb
+    if uri:
+        pic = f'<img src="{uri}" alt="">'
+    else:
+        short = "image not found" if reason == "missing file" else reason.split(" (")[0]
+        pic = f'<div class="ph" title="{_esc(reason)}">{_esc(short)}</div>'
     return f'<div class="thumb {cls}">{pic}<div>{caption}</div></div>'
 
 
@@ -145,42 +165,19 @@ def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]], cls
 
 
 def metrics_section(m: dict[str, Any]) -> str:
-    from huse_pipeline.measures.keys import IN_MODAL_TASKS, INSTANCE_METRICS, RETRIEVAL_METRICS, TASKS
-
-    base = "baseline/acc/image" in m
-    rows = [("", ["accuracy", _fmt(m["acc/image"]), _fmt(m["acc/text"]), _fmt(m["acc/fused"]), _fmt(m["acc/fused@0.5"])]),
-            ("", ["top-5 accuracy", _fmt(m["acc5/image"]), _fmt(m["acc5/text"]), "", ""]),
-            ("", ["macro accuracy (mean per-class recall)", _fmt(m["macro_acc/image"]), _fmt(m["macro_acc/text"]), "", ""])]
-    if base:
-        rows.append(("base", ["separate models (baseline)", _fmt(m["baseline/acc/image"]), _fmt(m["baseline/acc/text"]),
-                              _fmt(m["baseline/acc/fused"]), ""]))
-    out = ["<h3>Classification</h3>", _table(["", "image", "text", "fused", "fused@0.5"], rows),
-           f'<p class="note">fused = w·softmax(image) + (1−w)·softmax(text) with w = {_fmt(m["fusion_weight"], 2)} '
-           f'({_esc(m.get("meta/fusion_weight_source", ""))})'
-           + (f'; separate models: w = {_fmt(m.get("baseline/fusion_weight"), 2)}' if base else "") + ".</p>"]
-    rows = []
-    for task in TASKS:
-        rows.append(("", [task] + [_fmt(m[f"{task}/{k}"], 2 if k == "severity" else 3) for k in RETRIEVAL_METRICS]))
-        if base and task in IN_MODAL_TASKS:
-            rows.append(("base", [f"{task}, raw features (baseline)"]
-                         + [_fmt(m[f"baseline/{task}/{k}"], 2 if k == "severity" else 3) for k in RETRIEVAL_METRICS]))
-    out += ["<h3>Class-level retrieval</h3>", _table(["task", *RETRIEVAL_METRICS], rows),
-            '<p class="note">Every item of the split is a query. R@K: an item of the query\'s class among the top K '
-            "(the query itself excluded in img2img / txt2txt; the cross-modal gallery includes its own paired item). "
-            "MAP@R: Musgrave et al. 2020. HP@K: hierarchical precision (classes near the query's class in the tree count). "
-            "severity: mean tree distance of a wrong top-1 (lower is better).</p>"]
-    rows = [("", [t] + [_fmt(m[f"{t}/{k}"], 1 if k == "medr" else 3) for k in INSTANCE_METRICS]) for t in ("img2txt", "txt2img")]
-    out += ["<h3>Instance-level retrieval</h3>", _table(["task", *INSTANCE_METRICS], rows),
-            '<p class="note">The only hit is the query\'s own paired item; medr is its median rank (1 = best).</p>']
-    rows = [("", ["graph_fidelity", _fmt(m["graph_fidelity"]),
-                  "Spearman correlation of class-centroid distances with the semantic graph A (higher is better)"]),
-            ("", ["tree_fidelity", _fmt(m["tree_fidelity"]),
-                  "Spearman correlation of class-centroid distances with the tree distances (higher is better)"]),
-            ("", ["modality_gap", _fmt(m["modality_gap"]), "mean cosine distance between an item's image and its text"])]
-    out += ["<h3>The universal space</h3>", _table(["metric", "value", "meaning"], rows, left_last=True),
-            '<p class="note">A centroid is the renormalised mean of the L2-normalised image and text embeddings of a '
-            "class's items in the split; pairs of classes present in the split; – = undefined (e.g. no graph in "
-            "the feature file, or constant tree distances for flat labels).</p>"]
+    """The metric tables of `keys.metric_tables` as HTML: a heading, the table and its note each."""
+    out = []
+    for table in keys.metric_tables(m):
+        meaning = any(row.meaning for row in table.rows)
+        rows = []
+        for row in table.rows:
+            cells = ["" if key is None else _fmt(m[key], d) for key, d in zip(row.keys, table.digits)]
+            rows.append(("base" if row.baseline else "", [_esc(row.report_label or row.label), *cells]
+                         + ([_esc(row.meaning)] if meaning else [])))
+        header = [table.label_header, *table.columns] + (["meaning"] if meaning else [])
+        out += [f"<h3>{_esc(table.title)}</h3>", _table(header, rows, left_last=meaning)]
+        if table.note:
+            out.append(f'<p class="note">{_esc(table.note)}</p>')
     return "\n".join(out)
 
 
@@ -264,10 +261,10 @@ def curves_section(run_dir: Path | None, mark_epoch: int | None = None) -> str:
     history = _read_history(run_dir)
     fig = training_curves(history, mark_epoch, "evaluated checkpoint") if history else None
     if fig is not None:
-        return _img(_png(fig), "training curves") + f'<p class="note">{len(history)} epochs from {_esc(run_dir / "metrics.jsonl")}.</p>'
+        return _img(_png(fig), "training curves") + f'<p class="note">{len(history)} epochs from {_path(run_dir / "metrics.jsonl")}.</p>'
     if run_dir is not None and (run_dir / "curves.png").is_file():
         uri = "data:image/png;base64," + base64.b64encode((run_dir / "curves.png").read_bytes()).decode("ascii")
-        return _img(uri, "training curves") + f'<p class="note">{_esc(run_dir / "curves.png")}</p>'
+        return _img(uri, "training curves") + f'<p class="note">{_path(run_dir / "curves.png")}</p>'
     return '<p class="note">No training curves: the checkpoint is not inside a run folder with metrics.jsonl or curves.png.</p>'
 
 
@@ -286,11 +283,12 @@ def examples_section(result: EvalResult, fs: FeatureSet, seed: int) -> str:
     labels = out.labels.cpu().numpy()
     leaf = [c.split(fs.attrs.get("label_sep", "<"))[-1].strip() for c in fs.class_names]
     root = fs.image_root
-    cache: dict[int, str | None] = {}
+    max_pixels = (fs.attrs.get("extract_config") or {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
+    cache: dict[int, tuple[str | None, str]] = {}
 
-    def thumb(item: int) -> str | None:
+    def thumb(item: int) -> tuple[str | None, str]:
         if item not in cache:
-            cache[item] = _thumbnail(root / fs.image_path[item])
+            cache[item] = _thumbnail(root / fs.image_path[item], max_pixels)
         return cache[item]
 
     rng = np.random.default_rng(seed)
@@ -326,9 +324,9 @@ def examples_section(result: EvalResult, fs: FeatureSet, seed: int) -> str:
                       f'<span class="tag">{_esc(leaf[labels[q]])}</span>{top1_tag(labels[t2i[q, 0]] == labels[q])}</div>'
                       f'<div class="results"><div class="thumbs">{"".join(thumbs)}</div></div></div>')
     parts.append('<h3>Text query → top-5 images</h3><div class="examples wide">' + "".join(blocks) + "</div>")
-    missing = sum(v is None for v in cache.values())
+    missing = sum(uri is None for uri, _ in cache.values())
     note = (f'<p class="note">Queries drawn at random (seed {seed}): up to {N_EXAMPLES} whose top-1 has the query\'s class '
-            f"and up to {N_EXAMPLES} whose top-1 does not. ✓ = same class as the query. Images from {_esc(root)}"
+            f"and up to {N_EXAMPLES} whose top-1 does not. ✓ = same class as the query. Images from {_path(root)}"
             + (f"; {missing} of {len(cache)} could not be read (placeholder shown)." if missing else ".") + "</p>")
     return note + "\n".join(parts)
 
@@ -418,8 +416,8 @@ def write_report(result: EvalResult, fs: FeatureSet, cfg: EvalConfig) -> Path:
 <title>HUSE evaluation: {_esc(m.get("meta/split", ""))}</title><style>{CSS}</style></head>
 <body><main>
 <h1>HUSE evaluation — {_esc(m.get("meta/split", ""))} split, {m.get("meta/n_items", "?")} items</h1>
-<p class="meta">checkpoint <code>{_esc(result.checkpoint)}</code> · features <code>{_esc(m.get("meta/features", ""))}</code>{other}
- · {len(fs.class_names)} classes · metrics JSON <code>{_esc(result.out)}</code> · huse-pipeline {__version__} · {stamp}</p>
+<p class="meta">checkpoint <code>{_path(result.checkpoint)}</code> · features <code>{_path(m.get("meta/features", ""))}</code>{other}
+ · {len(fs.class_names)} classes · metrics JSON <code>{_path(result.out)}</code> · <span class="nw">huse-pipeline {__version__} · {stamp}</span></p>
 <nav>{nav}</nav>
 {body}
 </main><script>{SORT_JS}</script></body></html>

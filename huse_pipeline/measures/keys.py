@@ -1,7 +1,10 @@
-"""The metric keys of `huse eval` and the one place that lays them out as tables.
+"""The metric keys of `huse eval` and the one place that lays them out as tables: `metric_tables`
+describes every table (rows, columns, keys, digits); `format_table` (plain text, what `huse eval`
+prints) and the report's `metrics_section` (HTML) only render that description.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from huse_pipeline.measures import metrics
@@ -30,7 +33,83 @@ META_KEYS = ("meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "
 
 
 
-# ------------------------------------------------------------------------------- the table
+# ------------------------------------------------------------------------------- the tables
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One row of a metric table: a label and, per column, the metric key shown there (None: empty)."""
+
+    label: str
+    keys: tuple[str | None, ...]
+    report_label: str = ""  # the report's fuller wording of the label; `label` when empty
+    baseline: bool = False  # a row of the §4.4 baselines (set apart in the report)
+    meaning: str = ""  # what the metric means, for tables of single metrics
+
+
+@dataclass(frozen=True)
+class MetricTable:
+    """One table of metrics. Renderers take everything from here and only decide the markup."""
+
+    name: str  # plain text: the table's corner cell ("classification")
+    title: str  # the report's heading ("Classification")
+    columns: tuple[str, ...]  # the headers of the value columns
+    digits: tuple[int, ...]  # decimals per value column
+    rows: tuple[MetricRow, ...]
+    label_header: str = ""  # the report's header over the labels ("task")
+    note: str = ""  # plain text under the table in the report: what the numbers are
+    one_line: bool = False  # plain text: one line "name: label value  label value ..."
+
+
+def _weight(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def metric_tables(m: dict[str, Any]) -> list[MetricTable]:
+    """The metric tables of an evaluation whose metrics are `m` (baseline rows when `m` has them)."""
+    base = "baseline/acc/image" in m
+    retrieval_digits = tuple(2 if k == "severity" else 3 for k in RETRIEVAL_METRICS)
+    rows = [MetricRow("accuracy", ("acc/image", "acc/text", "acc/fused", "acc/fused@0.5")),
+            MetricRow("top-5 accuracy", ("acc5/image", "acc5/text", None, None)),
+            MetricRow("macro accuracy", ("macro_acc/image", "macro_acc/text", None, None),
+                      "macro accuracy (mean per-class recall)")]
+    if base:
+        rows.append(MetricRow("separate models", ("baseline/acc/image", "baseline/acc/text", "baseline/acc/fused", None),
+                              "separate models (baseline)", baseline=True))
+    fusion = (f"fused = w·softmax(image) + (1−w)·softmax(text) with w = {_weight(m['fusion_weight'])} "
+              f"({m.get('meta/fusion_weight_source', '')})"
+              + (f"; separate models: w = {_weight(m.get('baseline/fusion_weight'))}" if base else "") + ".")
+    tables = [MetricTable("classification", "Classification", ("image", "text", "fused", "fused@0.5"), (3, 3, 3, 3),
+                          tuple(rows), note=fusion)]
+    rows = []
+    for task in TASKS:
+        rows.append(MetricRow(task, tuple(f"{task}/{k}" for k in RETRIEVAL_METRICS)))
+        if base and task in IN_MODAL_TASKS:
+            rows.append(MetricRow("  raw features", tuple(f"baseline/{task}/{k}" for k in RETRIEVAL_METRICS),
+                                  f"{task}, raw features (baseline)", baseline=True))
+    tables.append(MetricTable(
+        "retrieval (class)", "Class-level retrieval", RETRIEVAL_METRICS, retrieval_digits, tuple(rows), "task",
+        "Every item of the split is a query. R@K: an item of the query's class among the top K (the query itself "
+        "excluded in img2img / txt2txt; the cross-modal gallery includes its own paired item). MAP@R: Musgrave et al. "
+        "2020. HP@K: hierarchical precision (classes near the query's class in the tree count). severity: mean tree "
+        "distance of a wrong top-1 (lower is better)."))
+    tables.append(MetricTable(
+        "retrieval (instance)", "Instance-level retrieval", INSTANCE_METRICS,
+        tuple(1 if k == "medr" else 3 for k in INSTANCE_METRICS),
+        tuple(MetricRow(t, tuple(f"{t}/{k}" for k in INSTANCE_METRICS)) for t in ("img2txt", "txt2img")), "task",
+        "The only hit is the query's own paired item; medr is its median rank (1 = best)."))
+    tables.append(MetricTable(
+        "universal space", "The universal space", ("value",), (3,),
+        (MetricRow("graph_fidelity", ("graph_fidelity",), meaning="Spearman correlation of class-centroid distances "
+                   "with the semantic graph A (higher is better)"),
+         MetricRow("tree_fidelity", ("tree_fidelity",), meaning="Spearman correlation of class-centroid distances "
+                   "with the tree distances (higher is better)"),
+         MetricRow("modality_gap", ("modality_gap",), meaning="mean cosine distance between an item's image and its text")),
+        "metric",
+        "A centroid is the renormalised mean of the L2-normalised image and text embeddings of a class's items in "
+        "the split; pairs of classes present in the split; – = undefined (e.g. no graph in the feature file, or "
+        "constant tree distances for flat labels).", one_line=True))
+    return tables
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -47,29 +126,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "-" * len(line(header)), *map(line, rows)]
 
 
+def _cells(m: dict[str, Any], table: MetricTable, row: MetricRow) -> list[str]:
+    return ["" if key is None else _fmt(m[key], d) for key, d in zip(row.keys, table.digits)]
+
+
 def format_table(m: dict[str, Any]) -> str:
-    """The metrics as readable plain-text tables (what `huse eval` prints)."""
-    has_base = "baseline/acc/image" in m
+    """The metrics as readable plain-text tables (what `huse eval` prints), laid out by `metric_tables`."""
     lines = [f"split {m.get('meta/split', '?')}: {m.get('meta/n_items', '?')} items; "
              f"fusion weight (image) {_fmt(m['fusion_weight'], 2)}, {m.get('meta/fusion_weight_source', '')}", ""]
     if m.get("meta/features_match_training") is False:
         lines[1:1] = ["WARNING: not the feature file the model was trained on (--other-features)"]
-    rows = [["accuracy", _fmt(m["acc/image"]), _fmt(m["acc/text"]), _fmt(m["acc/fused"]), _fmt(m["acc/fused@0.5"])],
-            ["top-5 accuracy", _fmt(m["acc5/image"]), _fmt(m["acc5/text"]), "", ""],
-            ["macro accuracy", _fmt(m["macro_acc/image"]), _fmt(m["macro_acc/text"]), "", ""]]
-    if has_base:
-        rows.append(["separate models", _fmt(m["baseline/acc/image"]), _fmt(m["baseline/acc/text"]),
-                     _fmt(m["baseline/acc/fused"]), ""])
-    lines += _table(["classification", "image", "text", "fused", "fused@0.5"], rows) + [""]
-    rows = []
-    for task in TASKS:
-        rows.append([task] + [_fmt(m[f"{task}/{k}"], 2 if k == "severity" else 3) for k in RETRIEVAL_METRICS])
-        if has_base and task in IN_MODAL_TASKS:
-            rows.append(["  raw features"] + [_fmt(m[f"baseline/{task}/{k}"], 2 if k == "severity" else 3)
-                                               for k in RETRIEVAL_METRICS])
-    lines += _table(["retrieval (class)", *RETRIEVAL_METRICS], rows) + [""]
-    rows = [[t] + [_fmt(m[f"{t}/{k}"], 1 if k == "medr" else 3) for k in INSTANCE_METRICS] for t in ("img2txt", "txt2img")]
-    lines += _table(["retrieval (instance)", *INSTANCE_METRICS], rows) + [""]
-    lines.append(f"universal space: graph_fidelity {_fmt(m['graph_fidelity'])}  tree_fidelity "
-                 f"{_fmt(m['tree_fidelity'])}  modality_gap {_fmt(m['modality_gap'])}")
+    for table in metric_tables(m):
+        if table.one_line:
+            lines.append(f"{table.name}: " + "  ".join(f"{row.label} {' '.join(_cells(m, table, row))}"
+                                                        for row in table.rows))
+        else:
+            rows = [[row.label, *_cells(m, table, row)] for row in table.rows]
+            lines += _table([table.name, *table.columns], rows) + [""]
     return "\n".join(lines)
