@@ -225,7 +225,16 @@ def centroid_fidelity(centroids: torch.Tensor, present: torch.Tensor, target: np
     return None if math.isnan(rho) else float(rho)
 
 
+def cross_modal_gap(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Eq. 12, the one implementation (train's gap loss and `modality_gap` call it): the mean cosine
+    distance (1/N) sum_n 1 - image_n . text_n between each item's two embeddings.
+
+    image_emb, text_emb: (N, D), L2-normalised, row n of each is item n -> 0-dim tensor in their
+    dtype, differentiable. Zero when they coincide, 2 when they are opposite.
+    """
+    return (1.0 - (image_emb * text_emb).sum(dim=-1)).mean()
+
+
 def modality_gap(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
-    """Mean cosine distance 1 - cos(image_i, text_i) between each item's two embeddings (paper Eq. 12)."""
-    cos = (F.normalize(image_emb.double(), dim=1) * F.normalize(text_emb.double(), dim=1)).sum(dim=1)
-    return float((1.0 - cos).mean())
+    """`cross_modal_gap` of (N, D) embeddings of any norm, normalised here, in float64."""
+    return float(cross_modal_gap(F.normalize(image_emb.double(), dim=1), F.normalize(text_emb.double(), dim=1)))

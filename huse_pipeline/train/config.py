@@ -12,10 +12,9 @@ from typing import Any
 
 from huse_pipeline.errors import HuseError
 from huse_pipeline.settings import DEFAULT_RUNS_DIR
+from huse_pipeline.train import losses
 from huse_pipeline.train.losses import GRAPH_PAIRS, MARGIN_RULES
-from huse_pipeline.train.model import (
-    ModelConfig,
-)
+from huse_pipeline.train.model import ModelConfig, TowerSettings
 from huse_pipeline.utils import added_later, fields_added_later
 
 log = logging.getLogger(__name__)
@@ -42,11 +41,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-
-
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything stage two needs besides the feature file; `asdict` goes into every artefact."""
+class TrainConfig(TowerSettings):
+    """Everything stage two needs besides the feature file; `asdict` (flat: the tower settings it
+    inherits, then its own fields) goes into every artefact."""
 
     modality: str = "both"  # both | image | text (one tower + its classifier, classification loss only)
     preset: str = "default"  # which preset the optimiser fields came from (for the record)
@@ -60,21 +58,16 @@ class TrainConfig:
     steps: int | None = None  # total optimiser steps; when set it overrides epochs (last epoch may be partial)
     schedule: str = "cosine"  # cosine (to zero over the run) | constant
     # loss (Eq. 5); chosen on the validation split of the real catalogue (BENCHMARKS.md, "sweep")
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 0.1
-    zeta: float = 0.5  # margin of the graph loss, on cosine distances
-    margin_rule: str = "and"  # and (Eq. 10 as printed) | or
-    graph_pairs: str = "cross"  # all | cross | within (see losses.graph_loss)
-    # model (ModelConfig, paper §4.1.3)
-    embed_dim: int = 512
-    hidden_dim: int = 512
-    image_layers: int = 5
-    text_layers: int = 2
-    dropout: float = 0.15
-    # on the image tower's standardised inputs (not in the paper; chosen on val); runs saved before it: 0
+    alpha: float = losses.DEFAULT_ALPHA
+    beta: float = losses.DEFAULT_BETA
+    gamma: float = losses.DEFAULT_GAMMA
+    zeta: float = losses.DEFAULT_MARGIN  # margin of the graph loss, on cosine distances
+    margin_rule: str = losses.DEFAULT_MARGIN_RULE  # and (Eq. 10 as printed) | or
+    graph_pairs: str = losses.DEFAULT_GRAPH_PAIRS  # all | cross | within (see losses.graph_loss)
+    # model: embed_dim ... relu_before_norm are inherited from TowerSettings (paper §4.1.3). Training
+    # overrides one default, the model's "off" for dropout on the image tower's standardised inputs
+    # (not in the paper; 0.3 chosen on val); runs saved before the field existed had none
     image_input_dropout: float = added_later(0.3, before=0.0)
-    relu_before_norm: bool = False
     input_norm: str = "standardize"  # standardize (train-split mean/std) | none
     use_views: bool = True  # draw a fresh image view per item per epoch when the file has augmented views
     # selection, stopping, runtime
@@ -114,10 +107,9 @@ class TrainConfig:
         return cls(**{**fields_added_later(cls), **saved})
 
     def model_config(self, image_dim: int, text_dim: int, num_classes: int) -> ModelConfig:
-        return ModelConfig(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, embed_dim=self.embed_dim,
-                           hidden_dim=self.hidden_dim, image_layers=self.image_layers, text_layers=self.text_layers,
-                           dropout=self.dropout, relu_before_norm=self.relu_before_norm,
-                           image_input_dropout=self.image_input_dropout)
+        """The ModelConfig of this run's towers for features of these sizes."""
+        towers = {f.name: getattr(self, f.name) for f in dataclasses.fields(TowerSettings)}
+        return ModelConfig(image_dim=image_dim, text_dim=text_dim, num_classes=num_classes, **towers)
 
     @property
     def select_key(self) -> str:

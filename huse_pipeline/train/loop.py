@@ -1,10 +1,11 @@
 """Stage two (paper §3.2, §3.4, §4.1.3): train the towers and the shared classifier on the cached
 frozen features with L = alpha*L_class + beta*L_graph + gamma*L_gap. Validation every epoch,
-best/last checkpoints, resumable and bit-reproducible on CPU. `fit` trains in memory; `train` adds the
-run folder.
+best/last checkpoints, resumable and bit-reproducible on CPU. `fit` reads every batch from a
+`batches.BatchSource` (default: the items held on the device); `train` adds the run folder.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -17,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from huse_pipeline.errors import HuseError
+from huse_pipeline.measures import metrics
 from huse_pipeline.store.features import FeatureSet, features_digest, read_features
-from huse_pipeline.train.batches import _DeviceData, _to_device
+from huse_pipeline.train.batches import Batch, BatchSource, ResidentSource, SourceFactory
 from huse_pipeline.train.config import RESUME_MAY_CHANGE, SELECT_METRICS, TrainConfig
 from huse_pipeline.train.losses import classification_loss, huse_loss
 from huse_pipeline.train.model import (
@@ -56,55 +58,55 @@ def _trained_params(model: HuseModel, modality: str) -> list[torch.nn.Parameter]
     return [p for m in [*towers[modality], model.classifier] for p in m.parameters()]
 
 
-def _forward(model: HuseModel, data: _DeviceData, cfg: TrainConfig, idx: torch.Tensor,
-             choice: torch.Tensor | None, amp: bool) -> dict[str, torch.Tensor | None]:
+def _forward(model: HuseModel, batch: Batch, cfg: TrainConfig, amp: bool) -> dict[str, torch.Tensor | None]:
     """Embeddings (b, D) and logits (b, C) of the modalities `cfg` trains, in float32 (None for an
     untrained modality); the towers run under bf16 autocast when `amp`."""
-    with torch.autocast(device_type=data.image.device.type, dtype=torch.bfloat16, enabled=amp):
-        image_emb = model.embed_image(data.image_batch(idx, choice)) if cfg.modality != "text" else None
-        text_emb = model.embed_text(data.text[idx]) if cfg.modality != "image" else None
+    with torch.autocast(device_type=batch.labels.device.type, dtype=torch.bfloat16, enabled=amp):
+        image_emb = model.embed_image(batch.image) if cfg.modality != "text" else None
+        text_emb = model.embed_text(batch.text) if cfg.modality != "image" else None
         out = {"image_emb": image_emb, "text_emb": text_emb,
                "image_logits": None if image_emb is None else model.classify(image_emb),
                "text_logits": None if text_emb is None else model.classify(text_emb)}
     return {k: None if v is None else v.float() for k, v in out.items()}
 
 
-def _loss(out: dict[str, torch.Tensor | None], labels: torch.Tensor, data: _DeviceData,
+def _loss(out: dict[str, torch.Tensor | None], labels: torch.Tensor, class_dist: torch.Tensor | None,
           cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The total loss and its parts (float32) for one batch's `_forward` output."""
     if cfg.modality != "both":  # the "separate models" baseline: classification loss only
         loss = classification_loss(out["image_logits"], out["text_logits"], labels)
         return loss, {"class": loss}
     return huse_loss(out["image_emb"], out["text_emb"], out["image_logits"], out["text_logits"], labels,
-                     data.class_dist, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, margin=cfg.zeta,
+                     class_dist, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, margin=cfg.zeta,
                      margin_rule=cfg.margin_rule, pairs=cfg.graph_pairs)
 
 
 @torch.no_grad()
-def validate(model: HuseModel, data: _DeviceData, cfg: TrainConfig, amp: bool = False) -> dict[str, float]:
-    """Val-split metrics: accuracy of the image, text and fused (argmax of the mean of the two
-    softmaxes) predictions, `val/acc/mean` (mean of image and text accuracy), and the loss and its
-    parts (over batches of cfg.batch_size, deterministic image view, dropout off)."""
+def validate(model: HuseModel, source: BatchSource, cfg: TrainConfig, amp: bool = False) -> dict[str, float]:
+    """Val-split metrics: `metrics.accuracy` of the image, text and fused (`metrics.fuse` of the two
+    softmaxes with equal weights) predictions, `val/acc/mean` (mean of image and text accuracy), and
+    the loss and its parts (over batches of cfg.batch_size, deterministic image view, dropout off)."""
     model.eval()
     sums: dict[str, float] = {}
-    correct: dict[str, int] = {}
-    for start in range(0, len(data.val_idx), cfg.batch_size):
-        idx = data.val_idx[start:start + cfg.batch_size]
-        labels = data.labels[idx]
-        out = _forward(model, data, cfg, idx, None, amp)
-        loss, parts = _loss(out, labels, data, cfg)
+    probs: dict[str, list[torch.Tensor]] = {}  # modality -> (b, C) softmax of each batch
+    labels: list[torch.Tensor] = []
+    for batch in source.val_batches(cfg.batch_size):
+        out = _forward(model, batch, cfg, amp)
+        loss, parts = _loss(out, batch.labels, source.class_dist, cfg)
         for k, v in {"loss": loss, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-        probs = {m: out[f"{m}_logits"].softmax(-1) for m in ("image", "text") if out[f"{m}_logits"] is not None}
-        if len(probs) == 2:
-            probs["fused"] = (probs["image"] + probs["text"]) / 2
-        for k, p in probs.items():
-            correct[k] = correct.get(k, 0) + int((p.argmax(-1) == labels).sum())
-    n = len(data.val_idx)
-    metrics = {f"val/{k}": v / n for k, v in sums.items()}
-    metrics.update({f"val/acc/{k}": c / n for k, c in correct.items()})
-    metrics["val/acc/mean"] = float(np.mean([metrics[f"val/acc/{m}"] for m in ("image", "text") if m in correct]))
-    return metrics
+            sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
+        for m in ("image", "text"):
+            if out[f"{m}_logits"] is not None:
+                probs.setdefault(m, []).append(out[f"{m}_logits"].softmax(-1))
+        labels.append(batch.labels)
+    val_labels = torch.cat(labels)  # (Nva,)
+    prob = {m: torch.cat(p) for m, p in probs.items()}  # (Nva, C) each
+    if len(prob) == 2:
+        prob["fused"] = metrics.fuse(prob["image"], prob["text"], 0.5)
+    result = {f"val/{k}": v / len(val_labels) for k, v in sums.items()}
+    result.update({f"val/acc/{k}": metrics.accuracy(p, val_labels) for k, p in prob.items()})
+    result["val/acc/mean"] = float(np.mean([result[f"val/acc/{m}"] for m in ("image", "text") if m in prob]))
+    return result
 
 
 def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -135,22 +137,26 @@ def _check_resumable(ckpt: dict[str, Any], fs: FeatureSet, cfg: TrainConfig) -> 
 
 
 def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-        progress: bool = False) -> tuple[HuseModel, list[dict[str, Any]]]:
+        progress: bool = False, make_source: SourceFactory = ResidentSource.from_features,
+        ) -> tuple[HuseModel, list[dict[str, Any]]]:
     """Train on `fs` and return the best model (by `cfg.select_key` on the val split, in eval mode)
     and the per-epoch history (one flat dict per epoch, as in metrics.jsonl).
 
     run_dir None: nothing is written. Otherwise the run folder gets config.json, metrics.jsonl,
-    best.pt, last.pt and curves.png; `resume` continues from run_dir/last.pt.
+    best.pt, last.pt and curves.png; `resume` continues from run_dir/last.pt. Every batch comes from
+    `make_source(fs, cfg, device)` (default: all items held on the device); `fs` gives the rest
+    (classes, encoders, the content digest).
     """
     run = _Run(Path(run_dir)) if run_dir is not None else None
     if resume and run is None:
         raise HuseError("resuming needs the run folder (--out) of the interrupted run")
     device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
-    data = _to_device(fs, cfg, device)
-    mcfg = cfg.model_config(fs.image_emb.shape[1], fs.text_emb.shape[1], fs.num_classes)
-    n_train = len(data.train_idx)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    source = make_source(fs, cfg, device)
+    if source.class_dist is None and cfg.modality == "both" and cfg.beta > 0:
+        raise HuseError(f"{fs.path} has no semantic graph: run `huse build-graph --features {fs.path}` first")
+    mcfg = cfg.model_config(source.image_dim, source.text_dim, fs.num_classes)
+    steps_per_epoch = math.ceil(source.n_train / cfg.batch_size)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     key, sign = cfg.select_key, SELECT_METRICS.get(cfg.select_key, 1)
@@ -161,9 +167,9 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
         torch.manual_seed(cfg.seed)
         model = HuseModel(mcfg).to(device)
         if cfg.input_norm == "standardize":
-            for tower, feats in ((model.image_tower, data.image), (model.text_tower, data.text)):
-                x = feats[data.train_idx].double()
-                tower.set_input_stats(x.mean(0).float(), x.std(0).float())
+            stats = source.input_stats()
+            model.image_tower.set_input_stats(*stats["image"])
+            model.text_tower.set_input_stats(*stats["text"])
         optimizer = _make_optimizer(cfg, _trained_params(model, cfg.modality))
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         epoch, step, history = 0, 0, []
@@ -201,12 +207,12 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
         try:
             while epoch < n_epochs and step < total_steps and not stop:
                 epoch += 1
-                row, step = _train_epoch(model, optimizer, data, cfg, gen, epoch, step, total_steps, amp, bar, run)
+                row, step = _train_epoch(model, optimizer, source, cfg, gen, epoch, step, total_steps, amp, bar, run)
                 last = epoch >= n_epochs or step >= total_steps
                 evaluated = epoch % cfg.eval_every == 0 or last
                 improved = False
                 if evaluated:
-                    row.update(validate(model, data, cfg, amp))
+                    row.update(validate(model, source, cfg, amp))
                     value = sign * row[key]
                     improved = value > best_value
                     if improved:
@@ -234,34 +240,27 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
     return model.eval(), history
 
 
-def _train_epoch(model: HuseModel, optimizer: torch.optim.Optimizer, data: _DeviceData, cfg: TrainConfig,
+def _train_epoch(model: HuseModel, optimizer: torch.optim.Optimizer, source: BatchSource, cfg: TrainConfig,
                  gen: torch.Generator, epoch: int, step: int, total_steps: int, amp: bool, bar: tqdm,
                  run: "_Run | None") -> tuple[dict[str, Any], int]:
     """One pass over the train split in a fresh random order (and a fresh view per item), stopping
     early at `total_steps`. Returns the epoch's row (batch-size-weighted mean losses) and the step."""
     model.train()
-    n_train = len(data.train_idx)
-    perm = data.train_idx[torch.randperm(n_train, generator=gen, device=gen.device)]  # (Ntr,) item indices
-    choice = (None if data.view_emb is None else  # (Ntr,) 0 = deterministic view, k = augmented view k
-              torch.randint(0, data.view_emb.shape[1] + 1, (n_train,), generator=gen, device=gen.device))
     sums, seen = None, 0
-    for start in range(0, n_train, cfg.batch_size):
-        if step >= total_steps:
-            break
-        idx = perm[start:start + cfg.batch_size]
+    for batch in itertools.islice(source.train_batches(cfg.batch_size, gen), total_steps - step):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(cfg, step, total_steps)
-        out = _forward(model, data, cfg, idx, None if choice is None else choice[start:start + cfg.batch_size], amp)
-        loss, parts = _loss(out, data.labels[idx], data, cfg)
+        out = _forward(model, batch, cfg, amp)
+        loss, parts = _loss(out, batch.labels, source.class_dist, cfg)
         if not torch.isfinite(loss):
             raise _non_finite(loss, parts, epoch, step + 1, run)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        seen += len(idx)
-        batch = torch.stack([loss.detach(), *(p.detach() for p in parts.values())]) * len(idx)  # (1 + parts,)
-        sums = batch if sums is None else sums + batch
+        seen += len(batch)
+        weighted = torch.stack([loss.detach(), *(p.detach() for p in parts.values())]) * len(batch)  # (1 + parts,)
+        sums = weighted if sums is None else sums + weighted
         bar.update(1)
     names = ["train/loss", *(f"train/{k}" for k in parts)]
     row = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],

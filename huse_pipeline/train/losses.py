@@ -10,9 +10,19 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from huse_pipeline.errors import HuseError
+from huse_pipeline.measures import metrics
 
 MARGIN_RULES = ("and", "or")
 GRAPH_PAIRS = ("all", "cross", "within")
+
+# The defaults of Eq. 5's weights and of the graph loss, chosen on the val split of the real
+# catalogue (BENCHMARKS.md); written once: these functions and TrainConfig's fields default to them.
+DEFAULT_ALPHA = 1.0
+DEFAULT_BETA = 1.0
+DEFAULT_GAMMA = 0.1
+DEFAULT_MARGIN = 0.5  # zeta, on cosine distances
+DEFAULT_MARGIN_RULE = "and"  # Eq. 10 as printed
+DEFAULT_GRAPH_PAIRS = "cross"  # image-text pairs
 
 
 def cosine_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -76,7 +86,7 @@ class _MaskedStress(torch.autograd.Function):
 
 
 def graph_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, class_dist: torch.Tensor,
-               margin: float, margin_rule: str = "and", pairs: str = "all") -> torch.Tensor:
+               margin: float, margin_rule: str = DEFAULT_MARGIN_RULE, pairs: str = DEFAULT_GRAPH_PAIRS) -> torch.Tensor:
     """Semantic-graph loss (Eqs. 9-11) over ordered pairs of the batch's universal embeddings.
 
     image_emb, text_emb: (B, D), L2-normalised, row i of each is item i; labels: (B,);
@@ -124,14 +134,16 @@ def gap_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """Cross-modal gap (Eq. 12): mean cosine distance between each item's image and text embedding.
 
     image_emb, text_emb: (B, D), L2-normalised. Zero when they coincide; minimising it pulls them together.
+    The same function as evaluation's modality gap (`measures.metrics.cross_modal_gap`).
     """
-    return (1.0 - (image_emb * text_emb).sum(dim=-1)).mean()
+    return metrics.cross_modal_gap(image_emb, text_emb)
 
 
 def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor,
               text_logits: torch.Tensor, labels: torch.Tensor, class_dist: torch.Tensor | None, *,
-              alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0, margin: float = 0.5,
-              margin_rule: str = "and", pairs: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA, gamma: float = DEFAULT_GAMMA,
+              margin: float = DEFAULT_MARGIN, margin_rule: str = DEFAULT_MARGIN_RULE,
+              pairs: str = DEFAULT_GRAPH_PAIRS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The total loss (Eq. 5) and its parts {"class", "graph", "gap"} (unweighted) for logging.
 
     Shapes as in the parts: embeddings (B, D) L2-normalised, logits (B, C), labels (B,), class_dist (C, C).

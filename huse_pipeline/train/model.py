@@ -6,7 +6,7 @@ what is needed to rebuild the model and to refuse a mismatched feature file.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +22,34 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    image_dim: int  # frozen image feature size (e.g. 1280 for EfficientNet-Lite)
-    text_dim: int  # frozen text feature size (e.g. 384 for MiniLM)
-    num_classes: int
+class TowerSettings:
+    """The towers' shape and regularisation (paper §4.1.3): the part of ModelConfig that a training
+    run chooses. Both ModelConfig and TrainConfig build on it, so each field is written once."""
+
     embed_dim: int = 512  # D, the universal space
     hidden_dim: int = 512
     image_layers: int = 5  # hidden layers of the image tower (paper: 5)
     text_layers: int = 2  # hidden layers of the text tower (paper: 2)
     dropout: float = 0.15
-    # Dropout on the image tower's standardised input features (not in the paper, default off): a
-    # regulariser for wide frozen features, e.g. several image encoders concatenated.
+    # Dropout on the image tower's standardised input features (not in the paper, default off here;
+    # TrainConfig's default is 0.3, chosen on val): a regulariser for wide frozen features, e.g.
+    # several image encoders concatenated.
     image_input_dropout: float = 0.0
     # The paper does not say whether a ReLU precedes the L2 norm. We leave it out by default: a
     # ReLU there confines embeddings to the positive orthant, where cosine distances only span
     # [0, 1] and the semantic graph's targets lose room.
     relu_before_norm: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig(TowerSettings):
+    """Everything needed to rebuild a HuseModel: the tower settings and the data's sizes
+    (`asdict` goes into the checkpoint; `ModelConfig(**ckpt["model_config"])` rebuilds it)."""
+
+    _: KW_ONLY  # the sizes follow the defaulted tower settings, so they are keyword-only
+    image_dim: int  # frozen image feature size (e.g. 1280 for EfficientNet-Lite)
+    text_dim: int  # frozen text feature size (e.g. 384 for MiniLM)
+    num_classes: int
 
 
 class Tower(nn.Module):

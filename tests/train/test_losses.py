@@ -3,6 +3,8 @@ answers are known by construction, mutants the reference comparison must catch, 
 no (B^2, D) tensor is ever materialised."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -11,7 +13,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from huse_pipeline.errors import HuseError
+from huse_pipeline.measures import metrics
 from huse_pipeline.train import losses
+from huse_pipeline.train.config import TrainConfig
 from huse_pipeline.train.losses import classification_loss, gap_loss, graph_loss, huse_loss
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -166,7 +170,8 @@ def test_total_loss_is_the_weighted_sum_of_the_references(dtype):
 def test_zero_weight_part_is_reported_but_not_differentiated():
     image, text, labels, class_dist = make_batch(torch.float64)
     image.requires_grad_(True)
-    total, parts = huse_loss(image, text, image[:, :4], text[:, :4], labels, class_dist, beta=0.0, margin=0.8)
+    total, parts = huse_loss(image, text, image[:, :4], text[:, :4], labels, class_dist, beta=0.0, gamma=1.0,
+                             margin=0.8)
     assert not parts["graph"].requires_grad and parts["graph"] > 0
     torch.testing.assert_close(parts["graph"], graph_loss(image, text, labels, class_dist, 0.8).detach())
     torch.testing.assert_close(total, parts["class"] + parts["gap"])
@@ -275,6 +280,55 @@ def test_bad_rule_or_pool_is_a_clear_error():
         graph_loss(image, text, labels, class_dist, 0.5, "xor")
     with pytest.raises(HuseError, match="pair pool"):
         graph_loss(image, text, labels, class_dist, 0.5, "and", "some")
+
+
+# -------------------------------------------------------------- one definition of each default
+
+# keyword of the library losses -> the TrainConfig field `huse train` passes to it
+LOSS_FIELDS = {"alpha": "alpha", "beta": "beta", "gamma": "gamma", "margin": "zeta", "margin_rule": "margin_rule",
+               "pairs": "graph_pairs"}
+
+
+def test_library_loss_defaults_are_the_training_defaults():
+    train_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for fn in (huse_loss, graph_loss):
+        params = inspect.signature(fn).parameters
+        for kw, field in LOSS_FIELDS.items():
+            if kw in params and params[kw].default is not inspect.Parameter.empty:
+                assert params[kw].default == train_defaults[field], (fn.__name__, kw)
+    defaulted = {k for k, p in inspect.signature(huse_loss).parameters.items() if p.default is not p.empty}
+    assert defaulted == set(LOSS_FIELDS)  # every keyword is checked
+    # and in effect: the defaults give the loss of the default training run
+    image, text, labels, class_dist = make_batch(torch.float64)
+    w = torch.randn(image.shape[1], 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    args = (image, text, image @ w, text @ w, labels, class_dist)
+    cfg = TrainConfig()
+    total, parts = huse_loss(*args)
+    explicit, explicit_parts = huse_loss(*args, **{kw: getattr(cfg, f) for kw, f in LOSS_FIELDS.items()})
+    assert total.item() == explicit.item() and parts.keys() == explicit_parts.keys()
+    assert total.item() != huse_loss(*args, gamma=1.0, pairs="all")[0].item()  # the old defaults: a different loss
+
+
+def test_one_gap_function_serves_the_loss_and_the_metric(monkeypatch):
+    """Eq. 12 has one implementation, measures.metrics.cross_modal_gap: the training loss and the
+    evaluation's modality gap both call it (and agree with the loop reference)."""
+    image, text, _, _ = make_batch(torch.float64)
+    ref = ref_gap(image, text)
+    assert gap_loss(image, text).item() == pytest.approx(ref.item(), rel=1e-12)
+    assert metrics.modality_gap(3 * image, 0.5 * text) == pytest.approx(ref.item(), rel=1e-12)  # any norm
+    calls = []
+    real = metrics.cross_modal_gap
+
+    def spy(i, t):
+        calls.append((i.shape, t.shape))
+        return real(i, t)
+
+    monkeypatch.setattr(metrics, "cross_modal_gap", spy)
+    gap_loss(image, text)
+    metrics.modality_gap(image, text)
+    assert calls == [(image.shape, text.shape)] * 2
+    monkeypatch.setattr(metrics, "cross_modal_gap", lambda i, t: torch.zeros((), dtype=i.dtype))
+    assert gap_loss(image, text).item() == 0.0 and metrics.modality_gap(image, text) == 0.0
 
 
 # ---------------------------------------------------------- the reference comparison can fail

@@ -97,6 +97,22 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
         check_compatible(ckpt, meta, list("edcba"), "f.h5")
 
 
+def test_checkpoint_from_before_input_dropout_still_loads(tmp_path):
+    """A checkpoint's model_config saved before image_input_dropout existed (that key absent, the old
+    key order) rebuilds the model through ModelConfig(**model_config), with no input dropout."""
+    model = _model().eval()
+    meta = {"image_encoder": "e", "image_dim": 12, "text_encoder": "t", "text_dim": 7}
+    save_checkpoint(tmp_path / "c.pt", model, list("abcde"), meta)
+    ckpt = load_checkpoint(tmp_path / "c.pt")
+    old = {k: ckpt["model_config"][k] for k in ("image_dim", "text_dim", "num_classes", "embed_dim", "hidden_dim",
+                                                "image_layers", "text_layers", "dropout", "relu_before_norm")}
+    assert set(ckpt["model_config"]) == set(old) | {"image_input_dropout"}
+    rebuilt = model_from_checkpoint({**ckpt, "model_config": old})
+    assert rebuilt.cfg == model.cfg and rebuilt.image_tower.input_dropout.p == 0.0
+    x, y = torch.randn(2, 12), torch.randn(2, 7)
+    torch.testing.assert_close(rebuilt(x, y)["image_logits"], model(x, y)["image_logits"], rtol=0, atol=0)
+
+
 def test_bad_checkpoints(tmp_path):
     with pytest.raises(HuseError, match="does not exist"):
         load_checkpoint(tmp_path / "none.pt")

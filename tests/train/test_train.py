@@ -17,7 +17,7 @@ from huse_pipeline.errors import HuseError
 from huse_pipeline.extract.graph import GraphConfig, build_graph
 from huse_pipeline.store import features
 from huse_pipeline.train import loop as train
-from huse_pipeline.train.batches import _DeviceData, _to_device
+from huse_pipeline.train.batches import ResidentSource
 from huse_pipeline.train.config import PRESETS, TrainConfig, make_config
 from huse_pipeline.train.loop import fit
 from huse_pipeline.train.model import HuseModel, load_checkpoint, model_from_checkpoint
@@ -136,8 +136,8 @@ def test_fresh_view_per_item_per_epoch():
     view_emb = 100 * (view_item[:, None, None] + 1) + torch.arange(1, k + 1)[None, :, None].float().repeat(1, 1, di)
     view_row = torch.full((n,), -1)
     view_row[view_item] = torch.arange(len(view_item))
-    data = _DeviceData(image, image, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n), None,
-                             view_emb, view_row)
+    data = ResidentSource(image, image, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.arange(n), None,
+                          view_emb, view_row)
     idx = torch.tensor([0, 1, 3, 4, 3, 1])
     choice = torch.tensor([2, 0, 1, 3, 2, 2])
     got = data.image_batch(idx, choice)[:, 0].tolist()
@@ -317,15 +317,16 @@ def test_bf16_autocast_path_keeps_losses_float32(feats):
     """The CUDA path runs the towers under bf16 autocast; exercise the same code with CPU autocast."""
     fs = features.read_features(feats, views=True)
     cfg = small()
-    data = _to_device(fs, cfg, torch.device("cpu"))
+    data = ResidentSource.from_features(fs, cfg, torch.device("cpu"))
     torch.manual_seed(0)
     model = HuseModel(cfg.model_config(24, 12, len(CLASSES)))
     idx = data.train_idx[:32]
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         assert model.classify(model.embed_image(data.image[idx])).dtype == torch.bfloat16  # autocast really acts
-    out = train._forward(model, data, cfg, idx, torch.ones(32, dtype=torch.long), amp=True)
+    batch = data.batch(idx, torch.ones(32, dtype=torch.long))
+    out = train._forward(model, batch, cfg, amp=True)
     assert all(v.dtype == torch.float32 for v in out.values())
-    loss, parts = train._loss(out, data.labels[idx], data, cfg)
+    loss, parts = train._loss(out, batch.labels, data.class_dist, cfg)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and all(p.dtype == torch.float32 for p in parts.values())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.image_tower.parameters())
@@ -363,3 +364,34 @@ def test_a_run_saved_before_input_dropout_existed_can_be_resumed(feats, tmp_path
     _, resumed = resume_config(tmp_path / "run", {"epochs": 2})
     _, history = fit(fs, resumed, tmp_path / "run", resume=True)
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_train_config_builds_on_the_tower_settings_once():
+    """The tower fields are declared once (TowerSettings) and copied whole into ModelConfig; the saved
+    layout stays flat; only image_input_dropout overrides its default (with its added-later marker)."""
+    from huse_pipeline.train.model import ModelConfig, TowerSettings
+    from huse_pipeline.utils import fields_added_later
+
+    towers = [f.name for f in dataclasses.fields(TowerSettings)]
+    assert {"embed_dim", "hidden_dim", "image_layers", "text_layers", "dropout", "image_input_dropout",
+            "relu_before_norm"} == set(towers)
+    own = TrainConfig.__dict__["__annotations__"]
+    assert set(own) & set(towers) == {"image_input_dropout"}  # not repeated by hand
+    assert fields_added_later(TrainConfig) == {"image_input_dropout": 0.0}
+    assert TrainConfig().image_input_dropout == 0.3  # training's default, chosen on val
+    assert ModelConfig(image_dim=1, text_dim=1, num_classes=1).image_input_dropout == 0.0  # the model's: off
+    # every tower field reaches the model, with the run's value
+    changed = dict(embed_dim=24, hidden_dim=40, image_layers=3, text_layers=4, dropout=0.05, image_input_dropout=0.2,
+                   relu_before_norm=True)
+    assert set(changed) == set(towers) and all(getattr(TrainConfig(), k) != v for k, v in changed.items())
+    mcfg = TrainConfig(**changed).model_config(24, 12, 6)
+    assert dataclasses.asdict(mcfg) == {**changed, "image_dim": 24, "text_dim": 12, "num_classes": 6}
+    # flat layout: one level, the same keys as a run saved before the restructuring
+    saved = dataclasses.asdict(TrainConfig())
+    assert all(not isinstance(v, dict) for v in saved.values())
+    assert set(saved) == {
+        "modality", "preset", "optimizer", "lr", "weight_decay", "momentum", "batch_size", "epochs", "steps",
+        "schedule", "alpha", "beta", "gamma", "zeta", "margin_rule", "graph_pairs", "embed_dim", "hidden_dim",
+        "image_layers", "text_layers", "dropout", "image_input_dropout", "relu_before_norm", "input_norm", "use_views",
+        "select", "patience", "eval_every", "seed", "device", "amp"}
+    assert TrainConfig.from_saved(saved) == TrainConfig()
