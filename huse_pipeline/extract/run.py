@@ -13,7 +13,6 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from huse_pipeline import __version__
-from huse_pipeline.data.catalogue import Catalogue, file_sha256, read_catalogue
+from huse_pipeline.data.catalogue import Catalogue, read_catalogue
 from huse_pipeline.data.images import CatalogueImages, ImageTransform, collate_images
 from huse_pipeline.data.text import describe as describe_text
-from huse_pipeline.data.text import prepare_texts
-from huse_pipeline.encoders.image import ImageEncoder, load_image_encoder
-from huse_pipeline.encoders.text import TextEncoder, load_text_encoder
+from huse_pipeline.encoders.featurizer import (Featurizer, cached_sha256, describe_staleness, installed_versions,
+                                               resolve_weight_files, staleness, weight_digests)
+from huse_pipeline.encoders.image import ImageEncoder
+from huse_pipeline.encoders.text import TextEncoder
 from huse_pipeline.errors import HuseError
 from huse_pipeline.extract.plan import csv_line_numbers, part_path, parts_folder, plan_batches, plan_parts
 from huse_pipeline.settings import (DEFAULT_FEATURES, DEFAULT_IMAGE_ENCODER, DEFAULT_IMAGE_POOL, DEFAULT_MAX_PIXELS,
@@ -42,6 +41,8 @@ MANIFEST = "manifest.json"
 PARTS_FORMAT = "huse-feature-parts"
 # ExtractConfig fields that change how the work runs but not what is written
 EXECUTION_ONLY = ("out", "num_workers", "strict", "device")
+# settings keys that describe the installation (what `staleness` reports in words)
+INSTALLATION_KEYS = ("versions", "weights_sha256", "image_weights_sha256")
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,19 @@ def tune_cpu_allocator() -> bool:
 # ------------------------------------------------------------------------------------ settings
 
 
-def _settings(cfg: ExtractConfig, catalogue: Catalogue, device: torch.device) -> dict[str, Any]:
-    """What the written numbers depend on; its hash decides "up to date" and "same run"."""
+def _settings(cfg: ExtractConfig, catalogue: Catalogue, device: torch.device,
+              weight_files: dict[str, dict[str, str | None]] | None = None) -> dict[str, Any]:
+    """What the written numbers depend on; its hash decides "up to date" and "same run".
+
+    `weight_files`: the loaded encoders' (`Featurizer.weight_files`); by default found from `cfg`
+    without loading them. Their sha256 and the versions of every package that computes a feature
+    are part of it, so that a file made by another installation is never taken as up to date.
+    """
+    if weight_files is None:
+        weight_files = resolve_weight_files(cfg)
     weights_sha = None
     if cfg.image_weights not in (None, "imagenet"):
-        weights_sha = file_sha256(Path(cfg.image_weights))
+        weights_sha = cached_sha256(cfg.image_weights)
     later = fields_added_later(ExtractConfig)  # at their old value they stay out: older files stay up to date
     config = {k: v for k, v in asdict(cfg).items()
               if k not in EXECUTION_ONLY and not (k in later and v == later[k])}
@@ -114,9 +123,10 @@ def _settings(cfg: ExtractConfig, catalogue: Catalogue, device: torch.device) ->
         "catalogue": str(catalogue.path.resolve()),
         "catalogue_sha256": catalogue.sha256,
         "image_root": str(catalogue.image_root.resolve()),
-        "image_weights_sha256": weights_sha,
+        "image_weights_sha256": weights_sha,  # --image-weights (also in weights_sha256; kept for older files)
         "schema_version": features.SCHEMA_VERSION,
-        "versions": {"huse_pipeline": __version__, **{p: version(p) for p in ("torch", "torchvision", "sentence-transformers")}},
+        "versions": installed_versions(),
+        "weights_sha256": weight_digests(weight_files),
     }
 
 
@@ -155,14 +165,11 @@ def _validate(cfg: ExtractConfig) -> None:
 
 @dataclass
 class ExtractionJob:
-    """A catalogue with its loaded encoders and everything the part loop needs."""
+    """A catalogue with its featurizer (the loaded encoders) and everything the part loop needs."""
 
     cfg: ExtractConfig
     catalogue: Catalogue
-    device: torch.device
-    image_encoder: ImageEncoder
-    text_encoder: TextEncoder
-    transform: ImageTransform
+    featurizer: Featurizer
     settings: dict[str, Any]
     fingerprint: str
     line: list[int] = field(default_factory=list)  # CSV line of each row
@@ -170,6 +177,22 @@ class ExtractionJob:
     @property
     def frame(self):
         return self.catalogue.frame
+
+    @property
+    def device(self) -> torch.device:
+        return self.featurizer.device
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        return self.featurizer.image_encoder
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.featurizer.text_encoder
+
+    @property
+    def transform(self) -> ImageTransform:
+        return self.featurizer.transform
 
     def attrs(self, texts_reduced: int) -> dict[str, Any]:
         """Root attributes of the feature file (no timestamps or timings: a resumed run writes the same)."""
@@ -195,16 +218,13 @@ class ExtractionJob:
 
 
 def load_job(cfg: ExtractConfig, catalogue: Catalogue | None = None) -> ExtractionJob:
-    """Read the catalogue (unless given) and load the encoders for `cfg`."""
+    """Read the catalogue (unless given) and load the featurizer for `cfg`."""
     _validate(cfg)
     if catalogue is None:
         catalogue = _read(cfg)
-    device = resolve_device(cfg.device)
-    image_encoder = load_image_encoder(cfg.image_encoder, device, cfg.image_weights, cfg.image_pool)
-    text_encoder = load_text_encoder(cfg.text_encoder, device)
-    transform = ImageTransform(size=image_encoder.input_size, fit=cfg.image_fit, max_pixels=cfg.max_image_pixels, seed=cfg.seed)
-    settings = _settings(cfg, catalogue, device)
-    return ExtractionJob(cfg, catalogue, device, image_encoder, text_encoder, transform, settings, _fingerprint(settings),
+    featurizer = Featurizer.from_config(cfg, cfg.device)
+    settings = _settings(cfg, catalogue, featurizer.device, featurizer.weight_files())  # the files actually loaded
+    return ExtractionJob(cfg, catalogue, featurizer, settings, _fingerprint(settings),
                          csv_line_numbers(catalogue.path, len(catalogue)))
 
 
@@ -242,12 +262,6 @@ def _image_loader(job: ExtractionJob, batches: list[list[int]]) -> DataLoader:
     )
 
 
-def _encode_chunks(encoder: ImageEncoder, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    """(M, 3, S, S) uint8 -> (M, D) float32 in fixed chunks of `batch_size`."""
-    out = [encoder.encode(images[i : i + batch_size]).cpu() for i in range(0, len(images), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, encoder.dim), np.float32)
-
-
 class _PartBuffer:
     """Collects the batches of one part until it is complete."""
 
@@ -283,7 +297,7 @@ def process_parts(job: ExtractionJob, parts: Sequence[tuple[int, int]], folder: 
     the next images; then the images of the usable rows (and their augmented views) go through
     the image network. A row is unusable for the first of: malformed label, empty text, bad image.
     """
-    cfg, frame = job.cfg, job.frame
+    cfg, frame, featurizer = job.cfg, job.frame, job.featurizer
     stats = RunStats()
     if not parts:
         return stats
@@ -296,11 +310,11 @@ def process_parts(job: ExtractionJob, parts: Sequence[tuple[int, int]], folder: 
         rows = batch["rows"].numpy()  # (B,) catalogue rows, consecutive
         if buffer is None:
             start, end = queue.pop(0)
-            buffer = _PartBuffer(start, end, job.image_encoder.dim, job.text_encoder.dim, cfg.augment_views)
+            buffer = _PartBuffer(start, end, featurizer.image_dim, featurizer.text_dim, cfg.augment_views)
         at = slice(rows[0] - buffer.start, rows[-1] + 1 - buffer.start)
 
         t_text = time.perf_counter()
-        prepared = prepare_texts(raw_text[rows].tolist(), job.text_encoder.max_tokens, job.text_encoder.count_tokens)
+        prepared = featurizer.prepare_texts(raw_text[rows].tolist())
         reasons = [
             "malformed label" if not class_ok[r] else text_reason or image_reason
             for r, text_reason, image_reason in zip(rows, prepared.reason, batch["reasons"])
@@ -315,21 +329,20 @@ def process_parts(job: ExtractionJob, parts: Sequence[tuple[int, int]], folder: 
             )
         ok_idx = np.flatnonzero(ok)
         if len(ok_idx):
-            text_emb = job.text_encoder.encode([prepared.text_used[i] for i in ok_idx], batch_size=cfg.batch_size)
-            buffer.text_emb[at][ok_idx] = text_emb
+            buffer.text_emb[at][ok_idx] = featurizer.embed_texts([prepared.text_used[i] for i in ok_idx])
         stats.text_seconds += time.perf_counter() - t_text
 
         if len(ok_idx):
             images = batch["images"].to(job.device, non_blocking=True)  # pinned uint8 on CUDA
             keep = torch.from_numpy(ok_idx).to(job.device)
-            buffer.image_emb[at][ok_idx] = _encode_chunks(job.image_encoder, images[keep], cfg.batch_size)
+            buffer.image_emb[at][ok_idx] = featurizer.embed_pixels(images[keep])
         counts = batch["view_counts"].numpy()  # (B,) views made per row (0 for val/test and bad images)
         with_views = np.flatnonzero(ok & (counts > 0))
         if len(with_views):
             first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # offset of each row's views
             take = (first[with_views, None] + np.arange(cfg.augment_views)).reshape(-1)  # (V * K,)
             views = batch["views"].to(job.device, non_blocking=True)[torch.from_numpy(take).to(job.device)]
-            emb = _encode_chunks(job.image_encoder, views, cfg.batch_size)  # (V * K, Di)
+            emb = featurizer.embed_pixels(views)  # (V * K, Di)
             buffer.views[at][with_views] = emb.reshape(len(with_views), cfg.augment_views, -1)
 
         for i, r in enumerate(reasons):
@@ -378,10 +391,19 @@ def _check_existing_out(out: Path, fingerprint: str, settings: dict[str, Any], o
         attrs = {}
     if attrs.get("settings_fingerprint") == fingerprint and not overwrite:
         return attrs
+    recorded = attrs.get("settings")
+    stale = staleness(attrs) if isinstance(recorded, dict) else []
     if not overwrite:
-        what = ("was made with different settings (" + ", ".join(_differences(attrs["settings"], settings)[:8]) + " differ)"
-                if isinstance(attrs.get("settings"), dict) else "is not a feature file made by this version")
+        if stale:  # another installation made it: say what changed, not just which settings keys
+            other = [k for k in _differences(recorded, settings) if not k.startswith(INSTALLATION_KEYS)]
+            also = f" (and other settings differ: {', '.join(other[:8])})" if other else ""
+            raise HuseError(f"{describe_staleness(out, stale)}{also}; rerun with --overwrite to recompute it, "
+                            "or choose another --out.")
+        what = ("was made with different settings (" + ", ".join(_differences(recorded, settings)[:8]) + " differ)"
+                if isinstance(recorded, dict) else "is not a feature file made by this version")
         raise HuseError(f"{out} already exists and {what}. Use --overwrite to replace it, or choose another --out.")
+    if stale:
+        log.info("--overwrite: %s", describe_staleness(out, stale))
     log.info("--overwrite: %s will be replaced when the new file is complete", out)
     return None  # the old file stays until the merge replaces it atomically
 

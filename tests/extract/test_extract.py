@@ -4,6 +4,8 @@ images built in tmp_path, plus one run of the real default encoders on a few row
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
 import shutil
 import signal
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
+from importlib.metadata import version
 from pathlib import Path
 
 import h5py
@@ -23,6 +26,7 @@ from PIL import Image
 import cli
 from huse_pipeline.data.images import ImageTransform
 from huse_pipeline.data.text import normalise_text
+from huse_pipeline.encoders import featurizer as featurizer_module
 from huse_pipeline.encoders.image import StubImageEncoder
 from huse_pipeline.encoders.text import StubTextEncoder
 from huse_pipeline.errors import HuseError
@@ -365,6 +369,132 @@ def test_foreign_file_at_out_is_refused(catalogue, tmp_path):
     assert out.read_text() == "not a feature file"
 
 
+# ------------------------------------------------------------------------------ staleness
+
+
+def _cli_args(cfg: ExtractConfig) -> list[str]:
+    return ["extract-features", "--catalogue", cfg.catalogue, "--out", cfg.out, "--image-encoder", cfg.image_encoder,
+            "--text-encoder", cfg.text_encoder, "--part-rows", str(cfg.part_rows), "--batch-size", str(cfg.batch_size),
+            "--num-workers", str(cfg.num_workers), "--device", cfg.device]
+
+
+def _edit_recorded_settings(path: Path, edit) -> None:
+    """Rewrite a file's settings as another installation would have written them (fingerprint included)."""
+    with h5py.File(path, "r+") as f:
+        settings = json.loads(f.attrs["settings"])
+        edit(settings)
+        f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+        f.attrs["settings_fingerprint"] = json.dumps(extract._fingerprint(settings))
+
+
+def test_a_file_from_another_efficientnet_lite_pytorch_is_stale_with_the_reason(catalogue, tmp_path, caplog):
+    """The issue's check: a recorded efficientnet-lite-pytorch version other than the installed one is
+    reported stale, naming the package and both versions; an unchanged file is up to date."""
+    csv_path, _ = catalogue
+    cfg = stub_config(csv_path, tmp_path / "f.h5")
+    extract_features(cfg)
+    assert featurizer_module.staleness(features.read_attrs(cfg.out)) == []
+    result = CliRunner().invoke(cli.main, _cli_args(cfg))
+    assert result.exit_code == 0 and "is up to date" in result.output, result.output
+
+    installed = version("efficientnet-lite-pytorch")
+    _edit_recorded_settings(Path(cfg.out), lambda s: s["versions"].update({"efficientnet-lite-pytorch": "0.0.1"}))
+    reason = f"was made with efficientnet-lite-pytorch 0.0.1, this installation has {installed}"
+    assert featurizer_module.staleness(features.read_attrs(cfg.out)) == [reason]
+    before = Path(cfg.out).read_bytes()
+    result = CliRunner().invoke(cli.main, _cli_args(cfg))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{cfg.out} {reason}: its features are stale; rerun with --overwrite" in result.output
+    assert "other settings differ" not in result.output
+    assert Path(cfg.out).read_bytes() == before  # refused, not silently reused or replaced
+
+    # the other commands' way in says so too (a warning), and the file stays readable
+    logger = logging.getLogger("huse_pipeline.encoders.featurizer")
+    logger.addHandler(caplog.handler)  # the CLI above stopped huse_pipeline's records from reaching the root logger
+    try:
+        featurizer_module.Featurizer.from_feature_file(cfg.out, device="cpu")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert reason in caplog.text and "stale" in caplog.text
+    assert len(features.read_features(cfg.out).row) > 0
+
+    # with another setting changed as well, both are said
+    with pytest.raises(HuseError, match=r"stale \(and other settings differ: config.image_fit\); rerun with --overwrite"):
+        extract_features(replace(cfg, image_fit="crop"))
+    result = CliRunner().invoke(cli.main, _cli_args(cfg) + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert features.read_attrs(cfg.out)["settings"]["versions"]["efficientnet-lite-pytorch"] == installed
+    assert extract_features(cfg)["up_to_date"] is True
+
+
+def test_a_file_made_before_versions_and_weights_were_recorded_is_stale_with_the_reason(catalogue, tmp_path):
+    """A file written before this check existed (settings without these entries) stays readable and is
+    reported as not recording them, not as up to date and not as a bare "settings differ"."""
+    csv_path, _ = catalogue
+    cfg = stub_config(csv_path, tmp_path / "f.h5")
+    extract_features(cfg)
+
+    def as_before(settings):  # what extract-features recorded until now
+        settings.pop("weights_sha256")
+        settings["versions"] = {k: settings["versions"][k] for k in ("huse_pipeline", "torch", "torchvision",
+                                                                     "sentence-transformers")}
+
+    _edit_recorded_settings(Path(cfg.out), as_before)
+    with pytest.raises(HuseError) as info:
+        extract_features(cfg)
+    message = str(info.value)
+    assert message.startswith(f"{cfg.out} does not record the versions of efficientnet-lite-pytorch, transformers, "
+                              "tokenizers, Pillow or the sha256 of its weight files (it was made before huse-pipeline "
+                              "recorded them): its features may be stale; rerun with --overwrite")
+    assert "differ" not in message
+    fs = features.read_features(cfg.out)  # still readable
+    assert fs.image_emb.shape[0] == len(fs.row) > 0
+
+
+def test_changed_weights_make_a_file_stale_naming_both_sha256(tmp_path):
+    """The checkpoint a file was made with is replaced by another one under the same path."""
+    import torchvision
+
+    weights = tmp_path / "r18.pt"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    old_sha = featurizer_module.cached_sha256(weights)
+    for i, colour in enumerate(COLOURS):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{i}.png")
+    rows = [{"image": f"{i}.png", "text": f"item {i}", "label": CLASSES[i], "split": "train"} for i in range(3)]
+    cfg = stub_config(_write_csv(tmp_path / "c.csv", rows), tmp_path / "f.h5", image_encoder="resnet18",
+                      image_weights=str(weights), image_pool="avg")
+    extract_features(cfg)
+    recorded = features.read_attrs(cfg.out)["settings"]["weights_sha256"]
+    assert recorded == {"image": {"resnet18": old_sha}, "text": {"stub": None}}
+
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    new_sha = featurizer_module.cached_sha256(weights)
+    assert new_sha != old_sha
+    reason = (f"was made with image weights resnet18 of sha256 {old_sha[:12]}…, the weight file here ({weights}) "
+              f"has sha256 {new_sha[:12]}…")
+    assert featurizer_module.staleness(features.read_attrs(cfg.out)) == [reason]
+    with pytest.raises(HuseError, match="its features are stale; rerun with --overwrite") as info:
+        extract_features(cfg)
+    assert reason in str(info.value) and "other settings" not in str(info.value)
+
+
+def test_the_settings_name_every_package_and_weight_file_behind_a_feature(reference):
+    _, _, out = reference
+    settings = features.read_attrs(out)["settings"]
+    for package in ("torch", "torchvision", "efficientnet-lite-pytorch", "transformers", "sentence-transformers",
+                    "Pillow"):
+        assert settings["versions"][package] == version(package)
+    assert settings["weights_sha256"] == {"image": {"stub": None}, "text": {"stub": None}}
+    files = featurizer_module.resolve_weight_files(ExtractConfig(catalogue="c.csv"))  # the defaults, not loaded
+    lite0 = files["image"]["efficientnet-lite0"]
+    assert lite0.endswith(".pth") and set(files["image"]) == {"efficientnet-lite0", "efficientnet-lite2"}
+    assert featurizer_module.weight_digests(files)["image"]["efficientnet-lite0"] == \
+        __import__("hashlib").sha256(Path(lite0).read_bytes()).hexdigest()
+    assert Path(files["text"]["all-MiniLM-L6-v2"]).is_dir()
+
+
 def _fail_after_parts(monkeypatch, n_ok: int, out: Path) -> list[Path]:
     """Make the n_ok+1-th part write raise; record that --out never exists during the run."""
     written: list[Path] = []
@@ -440,7 +570,7 @@ def test_a_run_that_failed_before_its_first_part_does_not_block_other_settings(c
     def missing_weights(*args, **kwargs):
         raise HuseError("the ImageNet weights are not installed")
 
-    monkeypatch.setattr(extract, "load_image_encoder", missing_weights)
+    monkeypatch.setattr(featurizer_module, "load_image_encoder", missing_weights)  # what extraction loads through
     with pytest.raises(HuseError, match="not installed"):
         extract_features(cfg)
     assert not out.exists() and not parts_folder(out).exists()  # no manifest-only folder left behind
