@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import sysconfig
 from pathlib import Path
 
 import click
@@ -23,7 +24,18 @@ from huse_pipeline.settings import (
     split_encoder_names,
 )
 
-DEMO_CATALOGUE = Path(__file__).resolve().parent / "data" / "catalogue.csv"
+
+
+def _bundled_demo() -> Path:
+    """The demo catalogue beside cli.py in a checkout, else where `pip install .` put it
+    (<prefix>/share/huse-pipeline/, see setup.cfg's data_files)."""
+    here = Path(__file__).resolve().parent / "data" / "catalogue.csv"
+    if here.is_file():
+        return here
+    return Path(sysconfig.get_path("data")) / "share" / "huse-pipeline" / "data" / "catalogue.csv"
+
+
+DEMO_CATALOGUE = _bundled_demo()
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 
