@@ -60,15 +60,26 @@ def resolve_features(features: str | None, run_dir: Path | None) -> str:
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """The config.json of a run that can be resumed (it has last.pt); HuseError otherwise."""
+    """The config.json of a run that can be resumed (it has last.pt); HuseError otherwise.
+
+    Checked here (torch-free, for the CLI's pre-flight): JSON, an object with a "train" object of
+    plain values and a "features" path, and the types of the values the pre-flight reads. Every
+    field is checked against TrainConfig by `train.run.resume_config`."""
     run_dir = Path(run_dir)
     config = run_dir / "config.json"
     if not (run_dir / "last.pt").is_file() or not config.is_file():
         raise HuseError(f"{run_dir} holds no run to resume (no last.pt / config.json): start it without --resume")
     try:
-        saved = json.loads(config.read_text())
+        saved = json.loads(config.read_bytes())
         if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(saved.get("features"), str):
             raise ValueError("no 'train' section or 'features' path")
-    except (OSError, ValueError) as exc:
-        raise HuseError(f"{config} is not a run's config.json ({exc}); it cannot be resumed") from exc
+        nested = [k for k, v in saved["train"].items() if isinstance(v, (dict, list))]
+        if nested:
+            raise ValueError(f"train.{nested[0]} is not a plain value")
+        for key, types, what in (("modality", (str,), "a string"), ("beta", (int, float), "a number")):
+            value = saved["train"].get(key)
+            if key in saved["train"] and (not isinstance(value, types) or isinstance(value, bool)):
+                raise ValueError(f"train.{key} is {value!r}, not {what}")
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON (UnicodeDecodeError too)
+        raise HuseError(f"{config} is not a run's config.json ({str(exc).splitlines()[0][:200]}); it cannot be resumed") from None
     return saved

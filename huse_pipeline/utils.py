@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import logging
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -15,8 +19,17 @@ from huse_pipeline.errors import HuseError
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 # dataclass field metadata key: the value every artefact saved before the field existed was made with
 ADDED_LATER = "before"
+# the owner of a temporary file, in its name: `.last.pt.<host>-<pid>.<random>.tmp`
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_OWNED_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
 
 
 @contextlib.contextmanager
@@ -25,11 +38,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     Whoever writes to the yielded path either finishes and the result appears under `path` in one
     `os.replace`, or fails and the temporary file is removed: no reader ever sees a half-written
-    file under the final name.
+    file under the final name. The temporary file's name carries this host and process id
+    (`.NAME.<host>-<pid>.<random>.tmp`), so `remove_stale_temps` can tell one left by a killed
+    process from one still being written. A write error that names no file (a full disk fails
+    `write`, not `open`) is given `path` as its file name, so the message says which file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)
@@ -40,9 +56,50 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:  # flush the data to disk before the rename makes it visible
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno is not None and (exc.filename is None or str(exc.filename) == str(tmp_path)):
+            exc.filename = str(path)  # the temporary name means nothing to the user
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an OSError says the disk (or the user's quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files `atomic_path` left in `folder` when its process was killed
+    (`kill -9`, a power cut): those named for this host whose process no longer exists. A live
+    writer's file (this process, a concurrent run) and files of other hosts or of other programs
+    are left alone. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(".*.tmp"):
+        owner = _OWNED_TEMP.match(tmp.name)
+        if owner is None or owner["host"] != _HOST or _pid_alive(int(owner["pid"])):
+            continue
+        try:
+            tmp.unlink()
+        except FileNotFoundError:  # another run cleaning the same folder
+            continue
+        log.info("removed %s, left by a killed run (process %s)", tmp, owner["pid"])
+        removed.append(tmp)
+    return removed
 
 
 def resolve_device(device: str) -> "torch.device":

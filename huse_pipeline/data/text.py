@@ -1,5 +1,7 @@
 """Stage one's text side: clean a catalogue text and, when it is longer than the text encoder reads,
 reduce it with the paper's per-example TF-IDF token selection (§4.1.1) instead of truncating it.
+Every step is linear in the text's length (a hostile text costs time in proportion, never more),
+and texts over MAX_TEXT_CHARS characters are refused with a reason.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 log = logging.getLogger(__name__)
 
-_HIDDEN_BLOCKS = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+MAX_TEXT_CHARS = 100_000  # longer raw texts are skipped ("text too long"): no product text is this long
+# the start of a <script>/<style> block or a comment; its end is looked for by _drop_hidden_blocks
+_HIDDEN_START = re.compile(r"<(?:(script|style)\b|!--)", re.IGNORECASE)
+_HIDDEN_END = {"script": re.compile(r"</script\s*>", re.IGNORECASE), "style": re.compile(r"</style\s*>", re.IGNORECASE)}
 _TAG = re.compile(r"</?[A-Za-z][^<>]*>|<![^<>]*>")  # a tag starts with a letter: "a < b" is text
 _SPACE = re.compile(r"\s+")
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
@@ -33,7 +37,45 @@ TFIDF_SETTINGS = {
                   "smooth idf, raw term counts",
     "score": "a word occurrence scores tf-idf(term, its sentence) of its best term",
     "selection": "words by score (ties: earlier first) while their word pieces fit the budget, kept in original order",
+    "max_text_chars": MAX_TEXT_CHARS,
 }
+
+
+def _drop_hidden_blocks(text: str) -> str:
+    """Replace each `<script ...>...</script>`, `<style ...>...</style>` (case-insensitive) and
+    `<!--...-->` by a space, leftmost first, each ending at its first closing tag; an opening tag
+    without a closing one is left for the tag rule. Linear time: the regular expression
+    `<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->` gives the same result but rescans the rest of the
+    text from every unclosed opening tag, quadratic in a text of many `<!--`."""
+    out, kept_to, pos = [], 0, 0
+    next_gt = -2  # the first ">" after the last script/style opener looked at (-1: none; -2: not yet)
+    unclosed: set[str] = set()  # kinds with no closing tag after the last opener tried: none later either
+    while (m := _HIDDEN_START.search(text, pos)) is not None:
+        kind = m.group(1).lower() if m.group(1) else "--"
+        if kind in unclosed:
+            pos = m.start() + 1
+            continue
+        if kind == "--":
+            body = m.end()
+            end = text.find("-->", body)
+            end = end + 3 if end >= 0 else -1
+        else:
+            if next_gt == -2 or (next_gt >= 0 and next_gt < m.end()):
+                next_gt = text.find(">", m.end())
+            if next_gt < 0:  # no ">" after this opener: neither script nor style can open any more
+                unclosed.update(("script", "style"))
+                pos = m.start() + 1
+                continue
+            closing = _HIDDEN_END[kind].search(text, next_gt + 1)
+            end = closing.end() if closing else -1
+        if end < 0:
+            unclosed.add(kind)
+            pos = m.start() + 1
+            continue
+        out += [text[kept_to:m.start()], " "]
+        kept_to = pos = end
+    out.append(text[kept_to:])
+    return "".join(out)
 
 
 def normalise_text(text: str) -> str:
@@ -47,7 +89,7 @@ def normalise_text(text: str) -> str:
     """
     if not isinstance(text, str):
         return ""
-    text = _HIDDEN_BLOCKS.sub(" ", text)
+    text = _drop_hidden_blocks(text)
     text = _TAG.sub(" ", text)
     text = html.unescape(text)
     text = unicodedata.normalize("NFKC", text)
@@ -73,19 +115,22 @@ def word_scores(text: str) -> tuple[list[str], np.ndarray]:
     0. So a word found in every sentence of the example scores low, a word particular to one
     sentence scores high. A text with a single sentence falls back to term counts.
     """
+    from sklearn.feature_extraction.text import TfidfVectorizer  # here: the catalogue reader needs no sklearn
+
     sentences = split_sentences(text)
     words = [w for s in sentences for w in s.split()]  # == text.split(): sentences split at whitespace
     try:
         vectorizer = TfidfVectorizer(lowercase=True, token_pattern=TOKEN_PATTERN, norm=None)
-        tfidf = vectorizer.fit_transform(sentences).toarray()  # (n_sentences, vocab)
+        tfidf = vectorizer.fit_transform(sentences).tocsr()  # (n_sentences, vocab), sparse: memory ~ words
     except ValueError:  # no terms at all: nothing is more important than anything else
         return words, np.zeros(len(words))
     vocab = vectorizer.vocabulary_
-    scores = [
-        max((tfidf[s, vocab[t]] for t in _TERM.findall(w.lower()) if t in vocab), default=0.0)
-        for s, sentence in enumerate(sentences)
-        for w in sentence.split()
-    ]
+    scores = []
+    for s, sentence in enumerate(sentences):
+        lo, hi = tfidf.indptr[s], tfidf.indptr[s + 1]
+        row = dict(zip(tfidf.indices[lo:hi].tolist(), tfidf.data[lo:hi].tolist()))  # this sentence's terms
+        scores += [max((row.get(vocab[t], 0.0) for t in _TERM.findall(w.lower()) if t in vocab), default=0.0)
+                   for w in sentence.split()]
     return words, np.asarray(scores, dtype=np.float64)
 
 
@@ -126,14 +171,17 @@ class PreparedTexts:
     """The text stage's output for a batch of rows."""
 
     text_used: list[str]  # (B,) what the encoder is given ("" where the row is unusable)
-    reason: list[str]  # (B,) "", "empty text" or "text cannot be reduced"
+    reason: list[str]  # (B,) "", "empty text", "text too long (...)" or "text cannot be reduced"
     reduced: np.ndarray  # (B,) bool: the text was longer than the budget and was reduced
 
 
 def prepare_texts(texts: Sequence[str], max_tokens: int, count_tokens: Callable[[list[str]], list[int]]) -> PreparedTexts:
-    """Normalise a batch of texts and TF-IDF-reduce those longer than `max_tokens` word pieces."""
-    cleaned = [normalise_text(t) for t in texts]
-    reason = ["" if t else "empty text" for t in cleaned]
+    """Normalise a batch of texts and TF-IDF-reduce those longer than `max_tokens` word pieces.
+    A raw text over MAX_TEXT_CHARS characters is not looked at: its reason is "text too long"."""
+    too_long = [isinstance(t, str) and len(t) > MAX_TEXT_CHARS for t in texts]
+    cleaned = ["" if long else normalise_text(t) for t, long in zip(texts, too_long)]
+    reason = [f"text too long ({len(t):,} characters > {MAX_TEXT_CHARS:,})" if long else "" if c else "empty text"
+              for t, c, long in zip(texts, cleaned, too_long)]
     present = [i for i, t in enumerate(cleaned) if t]
     counts = count_tokens([cleaned[i] for i in present]) if present else []
     reduced = np.zeros(len(cleaned), dtype=bool)

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from huse_pipeline import __version__
+from huse_pipeline.data.catalogue import resolve_image
 from huse_pipeline.data.hierarchy import Hierarchy
 from huse_pipeline.data.images import BadImage, load_rgb
 from huse_pipeline.eval.outputs import EvalConfig, EvalResult
@@ -28,8 +29,8 @@ from huse_pipeline.measures import keys, metrics
 from huse_pipeline.measures.retrieval import topk
 from huse_pipeline.settings import DEFAULT_MAX_PIXELS
 from huse_pipeline.store.features import FeatureSet
-from huse_pipeline.train.curves import training_curves
-from huse_pipeline.utils import atomic_path
+from huse_pipeline.train.curves import literal, training_curves
+from huse_pipeline.utils import atomic_path, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +121,26 @@ def _img(uri: str, alt: str, width: int | None = None) -> str:
     return f'<img class="fig" src="{uri}" alt="{_esc(alt)}"{style}>'
 
 
-def _thumbnail(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
+def _thumbnail(path: Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
     """(a JPEG data URI of the image at `path`, at most THUMB_PX square, "") or (None, why not).
 
     Decoded by stage one's `load_rgb`, so the report shows what the encoder saw: EXIF rotation
     applied, CMYK / 16-bit / palette converted, alpha on white, images over `max_pixels` refused.
+    Whatever the file has become since extraction (a decompression bomb, garbage), a thumbnail
+    that cannot be made is a placeholder with the reason, never an error.
     """
     try:
         im = load_rgb(path, max_pixels=max_pixels, min_side=THUMB_PX)
     except BadImage as exc:
         return None, exc.reason
+    except (Exception, MemoryError) as exc:  # PIL's DecompressionBombError, a decoder's own failure
+        log.debug("no thumbnail of %s", path, exc_info=True)
+        return None, f"cannot make a thumbnail ({type(exc).__name__})"
     try:
         im.thumbnail((THUMB_PX, THUMB_PX))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=82)
-    except (OSError, ValueError) as exc:  # e.g. a disk error while re-encoding: a placeholder, not a crash
+    except (Exception, MemoryError) as exc:  # e.g. a disk error while re-encoding: a placeholder, not a crash
         return None, f"cannot make a thumbnail ({exc})"
     finally:
         im.close()
@@ -213,8 +219,8 @@ def confusion_figure(true_top: np.ndarray, pred_top: np.ndarray, names: list[str
     fig = Figure(figsize=(size + 1.5, size))
     ax = fig.subplots()
     im = ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(t), names, rotation=40, ha="right", fontsize=9)
-    ax.set_yticks(range(t), names, fontsize=9)
+    ax.set_xticks(range(t), [literal(n) for n in names], rotation=40, ha="right", fontsize=9)
+    ax.set_yticks(range(t), [literal(n) for n in names], fontsize=9)
     ax.set_xlabel("predicted top-level class (fused)")
     ax.set_ylabel("true top-level class")
     if t <= 12:
@@ -235,7 +241,7 @@ def map_figure(xy: np.ndarray, top: np.ndarray, names: list[str], n: int, method
     for modality, sl, marker in (("image", slice(0, n), "o"), ("text", slice(n, 2 * n), "^")):
         ax.scatter(xy[sl, 0], xy[sl, 1], c=colours[top[sl]], marker=marker, s=14, alpha=0.75,
                    linewidths=0.3, edgecolors="white" if marker == "o" else "none")
-    handles = [Line2D([], [], ls="", marker="s", color=colours[i], label=name) for i, name in enumerate(names)]
+    handles = [Line2D([], [], ls="", marker="s", color=colours[i], label=literal(name)) for i, name in enumerate(names)]
     handles += [Line2D([], [], ls="", marker="o", color="#555", label="image"),
                 Line2D([], [], ls="", marker="^", color="#555", label="text")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8.5, frameon=False)
@@ -283,12 +289,16 @@ def examples_section(result: EvalResult, fs: FeatureSet, seed: int) -> str:
     labels = out.labels.cpu().numpy()
     leaf = [c.split(fs.attrs.get("label_sep", "<"))[-1].strip() for c in fs.class_names]
     root = fs.image_root
-    max_pixels = (fs.attrs.get("extract_config") or {}).get("max_image_pixels", DEFAULT_MAX_PIXELS)
+    extract_config = fs.attrs.get("extract_config") or {}
+    max_pixels = extract_config.get("max_image_pixels", DEFAULT_MAX_PIXELS)
+    # the rule stage one applied: nothing outside the image root unless the file was made with --allow-outside-root
+    allow_outside_root = extract_config.get("allow_outside_root", False) is True
     cache: dict[int, tuple[str | None, str]] = {}
 
     def thumb(item: int) -> tuple[str | None, str]:
         if item not in cache:
-            cache[item] = _thumbnail(root / fs.image_path[item], max_pixels)
+            path, refused = resolve_image(root, fs.image_path[item], allow_outside_root)
+            cache[item] = (None, refused) if path is None else _thumbnail(Path(path), max_pixels)
         return cache[item]
 
     rng = np.random.default_rng(seed)
@@ -423,6 +433,7 @@ def write_report(result: EvalResult, fs: FeatureSet, cfg: EvalConfig) -> Path:
 </main><script>{SORT_JS}</script></body></html>
 """
     path = out_dir / "index.html"
+    remove_stale_temps(out_dir)  # an earlier report killed while it wrote
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     log.info("wrote %s (%.1f KiB)", path, path.stat().st_size / 1024)

@@ -1,5 +1,6 @@
 """Figures shared by training (curves.png) and the evaluation report, drawn with matplotlib's
-object API on an Agg canvas (no pyplot state, no display needed)."""
+object API on an Agg canvas (no pyplot state, no display needed). Every text drawn is literal
+(`literal`): a class name such as `$x$` or `a_$^$` is not read as mathtext."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,6 +13,12 @@ from matplotlib.ticker import MaxNLocator
 LOSS_PARTS = (("loss", "total (weighted)"), ("class", "L_class"), ("graph", "L_graph"), ("gap", "L_gap"))
 ACCURACIES = ("image", "text", "fused", "mean")
 N_EPOCH_TICKS = 6  # at most this many epoch labels per panel, whatever the number of epochs
+
+
+def literal(text: object) -> str:
+    """`text` as matplotlib draws it literally: each `$` escaped, so no mathtext is parsed (a
+    class name `$^$` would otherwise stop the drawing with a parse error)."""
+    return str(text).replace("$", r"\$")
 
 
 def _lone(pts: list) -> str | None:
@@ -46,7 +53,7 @@ def training_curves(history: list[dict[str, Any]], mark_epoch: int | None = None
     epochs = [row["epoch"] for row in history]
     for ax in axes:
         if mark_epoch:
-            ax.axvline(mark_epoch, color="grey", ls=":", lw=1.2, label=f"{mark_label} (epoch {mark_epoch})")
+            ax.axvline(mark_epoch, color="grey", ls=":", lw=1.2, label=literal(f"{mark_label} (epoch {mark_epoch})"))
         ax.xaxis.set_major_locator(MaxNLocator(nbins=N_EPOCH_TICKS, integer=True, min_n_ticks=1))
         ax.set_xlabel("epoch", fontsize=10)
         ax.tick_params(labelsize=10)

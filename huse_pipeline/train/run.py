@@ -1,4 +1,6 @@
 """The run folder of `huse train`: config.json, metrics.jsonl, best.pt, last.pt and curves.png.
+A folder to resume is checked first (its config.json field by field, its last.pt), and temporary
+files a killed run left in it are removed.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from huse_pipeline.train.curves import training_curves
 from huse_pipeline.train.model import (
     ModelConfig,
     feature_meta,
+    load_checkpoint,
 )
-from huse_pipeline.utils import atomic_path
+from huse_pipeline.utils import atomic_path, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class _Run:
         self.metrics, self.config, self.curves = path / "metrics.jsonl", path / "config.json", path / "curves.png"
         self._written = 0
         self._plotted = -math.inf
+        remove_stale_temps(path)  # .last.pt.<host>-<pid>.*.tmp of an earlier run of this folder that was killed
 
     def start(self, cfg: TrainConfig, mcfg: ModelConfig, fs: FeatureSet, device: torch.device, key: str) -> None:
         if self.last.is_file():
@@ -101,9 +105,35 @@ def new_run_dir(root: str | Path = RUNS_ROOT) -> Path:
     return path
 
 
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "int | None": (int, type(None))}
+
+
+def check_saved_train_config(saved: dict[str, Any], where: str) -> None:
+    """Refuse a saved "train" section with unknown keys or values of the wrong type, naming `where`
+    (an absent field takes its default, as `TrainConfig.from_saved` gives it; --resume then compares
+    the result with the checkpoint's own train_config)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise HuseError(f"{where}: unknown training setting(s) {', '.join(map(repr, unknown[:5]))}; it cannot be resumed")
+    for name, value in saved.items():
+        types = _JSON_TYPES.get(str(fields[name].type))
+        if types is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            raise HuseError(f"{where}: training setting {name} is {value!r} ({type(value).__name__}), expected "
+                            f"{fields[name].type}; it cannot be resumed")
+
+
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> tuple[str, TrainConfig]:
-    """The feature path and TrainConfig of an existing run, with `overrides` applied."""
+    """The feature path and TrainConfig of an existing run, with `overrides` applied. Refuses, with
+    one line naming the file, a config.json that is not a run's (`runs.read_run_config`, then
+    every field checked against TrainConfig) and a last.pt that cannot be resumed from."""
+    run_dir = Path(run_dir)
     saved = read_run_config(run_dir)
-    return saved["features"], dataclasses.replace(TrainConfig.from_saved(saved["train"]), **(overrides or {}))
-
-
+    where = str(run_dir / "config.json")
+    check_saved_train_config(saved["train"], where)
+    try:
+        cfg = dataclasses.replace(TrainConfig.from_saved(saved["train"]), **(overrides or {}))
+    except HuseError as exc:
+        raise HuseError(f"{where}: {exc}; it cannot be resumed") from None
+    load_checkpoint(run_dir / "last.pt", resumable=True)  # malformed or unsafe: refused before any work
+    return saved["features"], cfg

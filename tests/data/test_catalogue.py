@@ -110,3 +110,62 @@ def test_generated_split_recorded(tmp_path):
     cat = read_catalogue(_write(tmp_path, frame), split_seed=7)
     assert cat.split_source.startswith("stratified(seed=7")
     assert Counter(cat.frame["split"]) == {"train": 16, "val": 2, "test": 2}
+
+
+def test_rows_refused_before_any_file_is_read(tmp_path):
+    """A NUL byte, an over-long label, a malformed label and an image outside the root each give a
+    reason (and no class) when the catalogue is read; the strings HDF5 cannot hold are made safe."""
+    from huse_pipeline.data.catalogue import OUTSIDE_ROOT
+
+    frame = pd.DataFrame({"image": ["a.png", "b\0.png", "c.png", "d.png", "../e.png", "f.png"],
+                          "text": ["ok", "x", "y\0z", "w", "v", "u"],
+                          "label": ["a<b", "a<b", "a<b", "a<<b", "a<b", "l" * 1001]})
+    cat = read_catalogue(_write(tmp_path, frame))
+    assert cat.frame["reason"].tolist() == ["", "NUL byte in image path", "NUL byte in text", "malformed label",
+                                            OUTSIDE_ROOT, "label too long (1,001 characters > 1,000)"]
+    assert cat.frame["class_name"].tolist() == ["a<b", None, None, None, None, None]
+    assert cat.frame["image"].iat[1] == "b\ufffd.png" and cat.frame["text"].iat[2] == "y\ufffdz"
+
+
+def test_resolve_image_follows_symlinks_and_dotdot(tmp_path):
+    import os
+
+    from huse_pipeline.data.catalogue import OUTSIDE_ROOT, resolve_image
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    os.symlink(tmp_path, root / "up")
+    assert resolve_image(root, "sub/../a.jpg") == (str(root / "sub/../a.jpg"), "")  # stays inside
+    assert resolve_image(root, "sub/../../a.jpg") == (None, OUTSIDE_ROOT)
+    assert resolve_image(root, "up/a.jpg") == (None, OUTSIDE_ROOT)
+    assert resolve_image(root, str(root / "sub" / "a.jpg"))[1] == ""
+    assert resolve_image(root, "/etc/passwd") == (None, OUTSIDE_ROOT)
+    assert resolve_image(root, "/etc/passwd", allow_outside_root=True) == ("/etc/passwd", "")
+    assert resolve_image(root / "up", "root/a.jpg")[1] == ""  # a root that is itself a symlink
+
+
+def test_grouped_split_equals_the_row_wise_split_without_duplicates():
+    names = ["a"] * 37 + ["b"] * 9 + [None] + ["c"] * 3
+    for seed in range(5):
+        assert stratified_split(names, seed, groups=list(range(len(names)))) == stratified_split(names, seed)
+
+
+def test_duplicates_of_the_same_file_however_spelled(tmp_path):
+    frame = pd.DataFrame({"image": ["a.jpg", "./a.jpg", "sub/../a.jpg", "a.jpg", "b.jpg"],
+                          "text": ["Red <b>shirt</b>", "Red shirt", " Red  shirt", "Blue shirt", "Red shirt"],
+                          "label": ["x<y"] * 5})
+    cat = read_catalogue(_write(tmp_path, frame))
+    assert cat.duplicates["groups"] == 1 and cat.duplicates["rows"] == 3 and cat.duplicates["across_splits"] == 0
+    assert len(set(cat.frame["split"][:3])) == 1
+
+
+def test_csv_records_read_nul_bytes_and_long_fields(tmp_path):
+    from huse_pipeline.data.catalogue import csv_records
+
+    path = tmp_path / "c.csv"
+    path.write_text('image,text,label\na\0.jpg,"' + "x" * 200_000 + '",a<b\n', encoding="utf-8")
+    records = list(csv_records(path))
+    assert [line for line, _ in records] == [1, 2] and len(records[1][1][1]) == 200_000
+    import csv
+
+    assert csv.field_size_limit() == 131072  # the process-wide limit is restored

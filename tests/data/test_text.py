@@ -136,3 +136,33 @@ def test_prepare_texts_marks_empty_and_reduced():
 def test_word_scores_without_terms():
     words, scores = word_scores("... !!! ---")
     assert words == ["...", "!!!", "---"] and np.all(scores == 0)
+
+
+def test_hidden_blocks_are_dropped_like_the_regular_expression_in_linear_time():
+    """`_drop_hidden_blocks` gives exactly what re.sub with the lazy pattern gives, on random mixes of
+    openers and closers; and many unclosed openers cost linear, not quadratic, time."""
+    import random
+    import re
+    import time
+
+    from huse_pipeline.data.text import _drop_hidden_blocks
+
+    pattern = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+    pieces = ["<script>", "<SCRIPT x>", "</script>", "</Script >", "<style>", "</style>", "<!--", "-->", ">", "<", "a",
+              " ", "\n", "<scripts>", "</script", "<script", "--", "<style a=1>"]
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        assert _drop_hidden_blocks(text) == pattern.sub(" ", text), text
+    for hostile in ("<!--" * 25_000, "<script>" * 12_500, "<script" * 14_000):
+        t0 = time.perf_counter()
+        _drop_hidden_blocks(hostile)
+        assert time.perf_counter() - t0 < 1.0  # the regular expression: about 16 s for the first
+
+
+def test_prepare_texts_refuses_a_text_over_the_limit_unread():
+    from huse_pipeline.data.text import MAX_TEXT_CHARS
+
+    prepared = prepare_texts(["x" * (MAX_TEXT_CHARS + 1), "x" * MAX_TEXT_CHARS], 5, count_words)
+    assert prepared.reason == [f"text too long ({MAX_TEXT_CHARS + 1:,} characters > {MAX_TEXT_CHARS:,})", ""]
+    assert prepared.text_used[0] == ""

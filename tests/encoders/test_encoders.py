@@ -88,7 +88,7 @@ def test_image_weights_option_end_to_end(tmp_path, photo_files):
     csv_path = tmp_path / "c.csv"
     rows = [f"{photo_files[p]},photo of {p},things<{p}" for p in PHOTOS]
     csv_path.write_text("image,text,label,split\n" + "\n".join(f"{r},train" for r in rows) + "\n")
-    cfg = ExtractConfig(catalogue=str(csv_path), out=str(tmp_path / "f.h5"), image_encoder="resnet18",
+    cfg = ExtractConfig(allow_outside_root=True, catalogue=str(csv_path), out=str(tmp_path / "f.h5"), image_encoder="resnet18",
                         image_weights=str(weights), text_encoder="stub", num_workers=0, device="cpu")
     extract_features(cfg)
     fs = features.read_features(tmp_path / "f.h5")
@@ -162,7 +162,7 @@ def test_concatenated_encoders_give_each_members_features(tmp_path, photo_files)
     csv_path = tmp_path / "c.csv"
     rows = [f"{photo_files[p]},photo of {p},things<{p},train" for p in PHOTOS]
     csv_path.write_text("image,text,label,split\n" + "\n".join(rows) + "\n")
-    cfg = ExtractConfig(catalogue=str(csv_path), out=str(tmp_path / "f.h5"),
+    cfg = ExtractConfig(allow_outside_root=True, catalogue=str(csv_path), out=str(tmp_path / "f.h5"),
                         image_encoder="efficientnet-lite0+efficientnet-lite2", text_encoder="stub",
                         num_workers=0, device="cpu")
     extract_features(cfg)

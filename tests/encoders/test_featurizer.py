@@ -56,7 +56,7 @@ def _image_paths(fs: features.FeatureSet) -> list[Path]:
 def stub_file(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     out = root / "feats.h5"
-    extract_features(ExtractConfig(catalogue=str(_demo_catalogue(root)), out=str(out), image_encoder="stub",
+    extract_features(ExtractConfig(allow_outside_root=True, catalogue=str(_demo_catalogue(root)), out=str(out), image_encoder="stub",
                                    text_encoder="stub", batch_size=4, part_rows=8, num_workers=0, device="cpu"))
     return out
 
@@ -150,7 +150,7 @@ def test_minilm_features_are_reproduced(tmp_path):
     than MiniLM reads (254 word pieces) included."""
     csv_path = _demo_catalogue(tmp_path, n_demo=8)
     out = tmp_path / "feats.h5"
-    extract_features(ExtractConfig(catalogue=str(csv_path), out=str(out), image_encoder="stub", batch_size=4,
+    extract_features(ExtractConfig(allow_outside_root=True, catalogue=str(csv_path), out=str(out), image_encoder="stub", batch_size=4,
                                    num_workers=0, device="cpu"))
     fs = features.read_features(out)
     assert fs.attrs["text_encoder"] == "all-MiniLM-L6-v2" and fs.attrs["preprocessing"]["text"]["texts_reduced"] == 1

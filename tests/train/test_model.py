@@ -122,3 +122,26 @@ def test_bad_checkpoints(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(HuseError, match="not a huse checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(image_layers=0, text_layers=3), dict(image_layers=1, relu_before_norm=True)])
+def test_expected_state_shapes_are_the_models(kw):
+    from huse_pipeline.train.model import expected_state_shapes
+
+    model = _model(**kw)
+    assert expected_state_shapes(model.cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_checkpoint_checks_name_the_file(tmp_path):
+    model = _model()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model, list("abcde"), {}, epoch=1)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_state"]["text_tower.projection.weight"] = torch.zeros(8, 3)
+    torch.save(ckpt, path)
+    with pytest.raises(HuseError, match=r"checkpoint .*c\.pt does not match its model_config: wrong shapes: "
+                                        r"text_tower\.projection\.weight \(8, 3\) \(expected \(8, 16\)\)"):
+        load_checkpoint(path)
+    save_checkpoint(path, model, list("abcde"), {}, epoch=1)
+    with pytest.raises(HuseError, match="lacks train_config"):
+        load_checkpoint(path, resumable=True)  # a best.pt-like file cannot be resumed from
