@@ -11,8 +11,8 @@ from huse_pipeline.errors import HuseError
 
 
 def plan_parts(n_rows: int, part_rows: int) -> list[tuple[int, int]]:
-    """Fixed row ranges [start, end) covering 0..n_rows; the unit of resumption (and of sharding:
-    a rank of a future torchrun job takes its own subset of the missing parts)."""
+    """Fixed row ranges [start, end) covering 0..n_rows: the shards, unit of resumption and of the
+    work shared by many processes (`distributed.claim_order`); they never depend on who runs them."""
     if part_rows < 1:
         raise HuseError("--part-rows must be at least 1")
     return [(start, min(start + part_rows, n_rows)) for start in range(0, n_rows, part_rows)]
@@ -32,6 +32,11 @@ def parts_folder(out: str | Path) -> Path:
 
 def part_path(folder: Path, start: int, end: int) -> Path:
     return folder / f"part-{start:09d}-{end:09d}.h5"
+
+
+def claim_path(folder: Path, start: int, end: int) -> Path:
+    """The lock file a process holds while it computes the shard [start, end)."""
+    return folder / f".claim-{start:09d}-{end:09d}"
 
 
 def csv_line_numbers(path: Path, n_rows: int) -> list[int]:
