@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from huse_pipeline.errors import HuseError
 from huse_pipeline.measures.retrieval import DEFAULT_GALLERY_CHUNK, DEFAULT_QUERY_CHUNK
 from huse_pipeline.settings import DEFAULT_RUNS_DIR
 
@@ -32,6 +33,20 @@ class EvalConfig:
     report_map: str = "tsne"  # tsne | pca: the 2-D map of the universal space in the report
     report_max_items: int = 1000  # items drawn on the map (each gives an image and a text point)
     seed: int = 0  # sampling for the report
+    # scale (issue 18): a split of millions of items in bounded memory
+    data: str = "auto"  # resident: the split's outputs held | stream: the gallery re-read from the file in blocks | auto
+    max_queries: int = 0  # queries per retrieval task: a seeded class-stratified sample of the split (0: every item)
+    query_seed: int = 0  # the sample's seed
+    map_cap: int = 1000  # MAP@R is MAP@min(R, map_cap): exact for classes of up to map_cap + 1 items
+    similarity: str = "auto"  # float64 | float32 | auto (float32 beyond 2**28 query-gallery pairs)
+    block_rows: int = 16384  # stream: split items read and embedded at a time (rounded to whole gallery chunks)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("data", ("auto", "resident", "stream")), ("similarity", ("auto", "float64", "float32"))):
+            if getattr(self, name) not in allowed:
+                raise HuseError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.max_queries < 0 or self.map_cap < 1 or self.block_rows < 1:
+            raise HuseError("max_queries must be >= 0, map_cap and block_rows >= 1")
 
 
 @dataclass

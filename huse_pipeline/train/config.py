@@ -24,10 +24,12 @@ MODALITIES = ("both", "image", "text")
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "constant")
 INPUT_NORMS = ("standardize", "none")
+DATA_MODES = ("auto", "resident", "stream")  # where the training items live (train/batches.py)
 # selection metric -> direction (+1: higher is better)
 SELECT_METRICS = {"val/acc/mean": 1, "val/acc/fused": 1, "val/acc/image": 1, "val/acc/text": 1, "val/loss": -1}
 # what --resume may change; everything else must match the interrupted run
-RESUME_MAY_CHANGE = ("epochs", "steps", "patience", "eval_every", "device", "amp")
+RESUME_MAY_CHANGE = ("epochs", "steps", "patience", "eval_every", "device", "amp", "data", "stream_buffer_mb",
+                     "stream_block_rows", "val_sample")
 RUNS_ROOT = Path(DEFAULT_RUNS_DIR)
 
 # Optimiser presets. "paper": §4.1.3 (RMSProp, lr 1.6192e-5, momentum 0.9, batch 1024, no schedule
@@ -77,15 +79,24 @@ class TrainConfig(TowerSettings):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda[:N]
     amp: bool = True  # bf16 autocast of the towers on CUDA (losses stay float32); ignored on CPU
+    # where the items live (train/batches.py): resident = all on the device; stream = shuffled blocks read
+    # from the file in the background (memory set by the buffer, not by the file); auto = resident when the
+    # arrays take under a quarter of the free memory. Each mode is deterministic under the seed, but the two
+    # draw different orders, so a run's result depends on the mode it ran in.
+    data: str = "auto"  # auto | resident | stream
+    stream_buffer_mb: int = 1024  # stream: memory of the shuffle buffer (a window of blocks, and the next read ahead)
+    stream_block_rows: int = 1024  # stream: contiguous file rows read at a time, the unit that is shuffled
+    val_sample: int = 0  # validate each epoch on a seeded class-stratified sample of this many val items (0: all)
 
     def __post_init__(self) -> None:
         choices = {"modality": MODALITIES, "preset": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "margin_rule": MARGIN_RULES, "graph_pairs": GRAPH_PAIRS, "input_norm": INPUT_NORMS,
-                   "select": tuple(SELECT_METRICS)}
+                   "select": tuple(SELECT_METRICS), "data": DATA_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise HuseError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        positive = ("lr", "batch_size", "epochs", "embed_dim", "hidden_dim", "eval_every")
+        positive = ("lr", "batch_size", "epochs", "embed_dim", "hidden_dim", "eval_every", "stream_buffer_mb",
+                    "stream_block_rows")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise HuseError(f"{name} must be positive, got {getattr(self, name)}")
@@ -97,8 +108,9 @@ class TrainConfig(TowerSettings):
         if self.steps is not None and self.steps <= 0:
             raise HuseError(f"steps must be positive, got {self.steps}")
         if min(self.alpha, self.beta, self.gamma, self.weight_decay, self.patience, self.image_layers,
-               self.text_layers) < 0 or not (0 <= self.dropout < 1 and 0 <= self.image_input_dropout < 1):
-            raise HuseError("alpha, beta, gamma, weight_decay, patience and layer counts must be >= 0 and dropouts in [0, 1)")
+               self.text_layers, self.val_sample) < 0 or not (0 <= self.dropout < 1 and 0 <= self.image_input_dropout < 1):
+            raise HuseError("alpha, beta, gamma, weight_decay, patience, layer counts and val_sample must be >= 0 and "
+                            "dropouts in [0, 1)")
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:

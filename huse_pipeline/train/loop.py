@@ -1,10 +1,13 @@
 """Stage two (paper §3.2, §3.4, §4.1.3): train the towers and the shared classifier on the cached
-frozen features with L = alpha*L_class + beta*L_graph + gamma*L_gap. Validation every epoch,
-best/last checkpoints, resumable and bit-reproducible on CPU. `fit` reads every batch from a
-`batches.BatchSource` (default: the items held on the device); `train` adds the run folder.
+frozen features with L = alpha*L_class + beta*L_graph + gamma*L_gap. Validation every epoch (on all
+val items, or a seeded class-stratified sample of them), best/last checkpoints, resumable and
+bit-reproducible on CPU. `fit` reads every batch from a `batches.BatchSource` (default
+`batches.make_source`: the items held on the device, or streamed from the file when they do not
+fit); `train` opens the file for reading in blocks and adds the run folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -19,8 +22,9 @@ from tqdm.auto import tqdm
 
 from huse_pipeline.errors import HuseError
 from huse_pipeline.measures import metrics
-from huse_pipeline.store.features import FeatureSet, features_digest, read_features
-from huse_pipeline.train.batches import Batch, BatchSource, ResidentSource, SourceFactory
+from huse_pipeline.measures.sampling import stratified_sample
+from huse_pipeline.store.features import FeatureFile, FeatureSet, features_digest, open_features
+from huse_pipeline.train.batches import Batch, BatchSource, SourceFactory, make_source as default_source
 from huse_pipeline.train.config import RESUME_MAY_CHANGE, SELECT_METRICS, TrainConfig
 from huse_pipeline.train.losses import classification_loss, huse_loss
 from huse_pipeline.train.model import (
@@ -82,15 +86,18 @@ def _loss(out: dict[str, torch.Tensor | None], labels: torch.Tensor, class_dist:
 
 
 @torch.no_grad()
-def validate(model: HuseModel, source: BatchSource, cfg: TrainConfig, amp: bool = False) -> dict[str, float]:
+def validate(model: HuseModel, source: BatchSource, cfg: TrainConfig, amp: bool = False,
+             items: np.ndarray | None = None) -> dict[str, float]:
     """Val-split metrics: `metrics.accuracy` of the image, text and fused (`metrics.fuse` of the two
     softmaxes with equal weights) predictions, `val/acc/mean` (mean of image and text accuracy), and
-    the loss and its parts (over batches of cfg.batch_size, deterministic image view, dropout off)."""
+    the loss and its parts (over batches of cfg.batch_size, deterministic image view, dropout off).
+    `items`: only these val items (ascending item indices; the --val-sample sample)."""
     model.eval()
     sums: dict[str, float] = {}
     probs: dict[str, list[torch.Tensor]] = {}  # modality -> (b, C) softmax of each batch
     labels: list[torch.Tensor] = []
-    for batch in source.val_batches(cfg.batch_size):
+    batches = source.val_batches(cfg.batch_size) if items is None else source.val_batches(cfg.batch_size, items)
+    for batch in batches:
         out = _forward(model, batch, cfg, amp)
         loss, parts = _loss(out, batch.labels, source.class_dist, cfg)
         for k, v in {"loss": loss, **parts}.items():
@@ -123,7 +130,7 @@ def _set_rng_state(state: dict[str, torch.Tensor], gen: torch.Generator, device:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _check_resumable(ckpt: dict[str, Any], fs: FeatureSet, cfg: TrainConfig) -> None:
+def _check_resumable(ckpt: dict[str, Any], fs: FeatureSet | FeatureFile, cfg: TrainConfig) -> None:
     check_compatible(ckpt, fs.attrs, fs.class_names, str(fs.path))
     if ckpt.get("features_digest") != features_digest(fs):
         raise HuseError(f"{fs.path} holds different items or features than the run being resumed was trained on; "
@@ -136,23 +143,45 @@ def _check_resumable(ckpt: dict[str, Any], fs: FeatureSet, cfg: TrainConfig) -> 
                         "change. Start a new run (another --out) instead.")
 
 
-def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-        progress: bool = False, make_source: SourceFactory = ResidentSource.from_features,
+def _val_sample(fs: FeatureSet | FeatureFile, cfg: TrainConfig) -> np.ndarray | None:
+    """The val items of per-epoch validation under --val-sample (ascending; seeded by cfg.seed,
+    class-stratified), or None for all of them."""
+    val = fs.indices("val")
+    if not cfg.val_sample or cfg.val_sample >= len(val):
+        return None
+    return val[stratified_sample(fs.labels[val], cfg.val_sample, cfg.seed)]
+
+
+def fit(fs: FeatureSet | FeatureFile, cfg: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
+        progress: bool = False, make_source: SourceFactory = default_source,
         ) -> tuple[HuseModel, list[dict[str, Any]]]:
-    """Train on `fs` and return the best model (by `cfg.select_key` on the val split, in eval mode)
-    and the per-epoch history (one flat dict per epoch, as in metrics.jsonl).
+    """Train on `fs` (in memory, or a file open for reading in blocks) and return the best model (by
+    `cfg.select_key` on the val split, in eval mode) and the per-epoch history (one flat dict per
+    epoch, as in metrics.jsonl).
 
     run_dir None: nothing is written. Otherwise the run folder gets config.json, metrics.jsonl,
     best.pt, last.pt and curves.png; `resume` continues from run_dir/last.pt. Every batch comes from
-    `make_source(fs, cfg, device)` (default: all items held on the device); `fs` gives the rest
-    (classes, encoders, the content digest).
+    `make_source(fs, cfg, device)` (default `batches.make_source`: resident or streamed, by cfg.data);
+    `fs` gives the rest (classes, encoders, the content digest). With cfg.val_sample each epoch is
+    validated on a sample of the val split, and the best checkpoint at the end on all of it (those are
+    the metrics best.pt records).
     """
     run = _Run(Path(run_dir)) if run_dir is not None else None
     if resume and run is None:
         raise HuseError("resuming needs the run folder (--out) of the interrupted run")
     device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
-    source = make_source(fs, cfg, device)
+    source_cfg = cfg
+    if resume and cfg.data == "auto" and run.last.is_file():  # continue in the mode the run was in (its random stream)
+        ran_in = load_checkpoint(run.last).get("data_mode")
+        source_cfg = dataclasses.replace(cfg, data=ran_in) if ran_in in ("resident", "stream") else cfg
+    source = make_source(fs, source_cfg, device)
+    data_mode = getattr(source, "data_mode", type(source).__name__)
+    log.info("training items: %s (%d train items)", data_mode, source.n_train)
+    val_items = _val_sample(fs, cfg)
+    if val_items is not None:
+        log.info("validating each epoch on %d of the %d val items (stratified, seed %d); the best checkpoint on all",
+                 len(val_items), len(fs.indices("val")), cfg.seed)
     if source.class_dist is None and cfg.modality == "both" and cfg.beta > 0:
         raise HuseError(f"{fs.path} has no semantic graph: run `huse build-graph --features {fs.path}` first")
     mcfg = cfg.model_config(source.image_dim, source.text_dim, fs.num_classes)
@@ -195,7 +224,7 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
 
         def save(path: Path, metrics: dict[str, Any], full: bool) -> None:
             extra: dict[str, Any] = dict(train_config=asdict(cfg), epoch=epoch, step=step, metrics=metrics,
-                                         features_digest=digest)
+                                         features_digest=digest, data_mode=data_mode)
             if full:
                 extra.update(optimizer_state=optimizer.state_dict(), rng_state=_rng_state(gen, device),
                              history=history, best_value=best_value, best_epoch=best_epoch, bad_evals=bad_evals)
@@ -212,7 +241,7 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
                 evaluated = epoch % cfg.eval_every == 0 or last
                 improved = False
                 if evaluated:
-                    row.update(validate(model, source, cfg, amp))
+                    row.update(validate(model, source, cfg, amp, val_items))
                     value = sign * row[key]
                     improved = value > best_value
                     if improved:
@@ -237,6 +266,16 @@ def fit(fs: FeatureSet, cfg: TrainConfig, run_dir: str | Path | None = None, *, 
         if run is not None and history:
             run.maybe_plot(history, key, best_epoch, force=True)
         model.load_state_dict(best_state)
+        if val_items is not None and best_epoch > 0:  # the sample chose the epoch; all val items score it
+            full_val = validate(model, source, cfg, amp)
+            log.info("best epoch %d on all %d val items: %s", best_epoch, len(fs.indices("val")),
+                     " ".join(f"{k[8:]} {v:.4f}" for k, v in full_val.items() if k.startswith("val/acc/")))
+            if run is not None and run.best.is_file():
+                best_ckpt = load_checkpoint(run.best)
+                sampled = best_ckpt["metrics"].get("val/sample_metrics", best_ckpt["metrics"])  # (rewritten already)
+                epoch, step = best_ckpt["epoch"], best_ckpt["step"]  # what `save` records: the best epoch's
+                save(run.best, {**full_val, "val/items": len(fs.indices("val")), "val/sample_metrics": sampled},
+                     full=False)
     return model.eval(), history
 
 
@@ -287,11 +326,12 @@ def _epoch_line(row: dict[str, Any], n_epochs: int, key: str, improved: bool) ->
 
 def train(features: str | Path, cfg: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
           progress: bool = True) -> dict[str, Any]:
-    """`huse train`: read the feature file, fit into the run folder `out` (default: a new folder
-    under cache/runs/), and return a summary (run folder, best epoch and its val metrics)."""
-    fs = read_features(features, views=cfg.use_views)
+    """`huse train`: open the feature file (read in blocks: nothing is read whole unless the items are
+    held resident), fit into the run folder `out` (default: a new folder under cache/runs/), and
+    return a summary (run folder, best epoch and its val metrics)."""
     run_dir = Path(out) if out is not None else new_run_dir()
-    _, history = fit(fs, cfg, run_dir, resume=resume, progress=progress)
+    with open_features(features) as fs:
+        _, history = fit(fs, cfg, run_dir, resume=resume, progress=progress)
     best = load_checkpoint(run_dir / "best.pt")
     return {"run": str(run_dir), "epochs": len(history), "steps": history[-1]["step"] if history else 0,
             "best_epoch": best["epoch"], "select": cfg.select_key, "best": best["metrics"]}

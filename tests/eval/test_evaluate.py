@@ -37,7 +37,9 @@ CONTRACT_BASELINE_KEYS = ["baseline/acc/image", "baseline/acc/text", "baseline/a
     f"baseline/{t}/{m}" for t in ["img2img", "txt2txt"]
     for m in ["R@1", "R@5", "R@10", "MAP@R", "HP@2", "HP@5", "HP@10", "severity"]]
 META_KEYS = ["meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "meta/features_match_training",
-             "meta/fusion_weight_source", "meta/eval_time_s"]
+             "meta/fusion_weight_source", "meta/eval_time_s",
+             # issue 18: how it was computed at scale
+             "meta/data", "meta/max_queries", "meta/query_seed", "meta/n_queries", "meta/similarity", "meta/map_r_cap"]
 MAY_BE_NULL = {f"{t}/severity" for t in TASKS} | {f"baseline/{t}/severity" for t in ("img2img", "txt2txt")}
 
 
@@ -292,3 +294,93 @@ def test_raw_feature_baseline_equals_retrieval_on_normalised_features(fixture_pa
     emb = l2_normalize(torch.from_numpy(fs.text_emb[test]))
     want = retrieval_metrics(emb, emb, torch.from_numpy(fs.labels[test]), True, torch.as_tensor(fs.tree_dist), 6)
     assert {k: m[f"baseline/txt2txt/{k}"] for k in want} == want
+
+
+# ----------------------------------------------------------------------------- at scale (issue 18)
+
+
+def _drop_how(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in ("meta/eval_time_s", "meta/data")}
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_queries": 11}, {"similarity": "float32"},
+                                {"max_queries": 13, "similarity": "float32", "query_chunk": 3, "gallery_chunk": 4,
+                                 "batch_size": 4, "block_rows": 9}, {"split": "val", "max_queries": 7}])
+def test_streamed_and_resident_evaluation_give_identical_metrics(fixture_paths, kw):
+    root = fixture_paths["root"]
+    resident = evaluate(_cfg(fixture_paths, out=str(root / "res.json"), data="resident", **kw))
+    streamed = evaluate(_cfg(fixture_paths, out=str(root / "str.json"), data="stream", **kw))
+    assert resident["meta/data"] == "resident" and streamed["meta/data"] == "stream"
+    assert _drop_how(resident) == _drop_how(streamed)
+
+
+def test_the_default_evaluation_records_how_it_was_computed(fixture_paths):
+    m = evaluate(_cfg(fixture_paths, out=str(fixture_paths["root"] / "d.json")))
+    assert m["meta/data"] == "resident" and m["meta/similarity"] == "float64"  # a small split: as before
+    assert m["meta/max_queries"] is None and m["meta/n_queries"] == 30 and m["meta/map_r_cap"] == 1000
+    big = evaluate(_cfg(fixture_paths, out=str(fixture_paths["root"] / "e.json"), data="stream"))
+    assert big["meta/data"] == "stream"
+
+
+def test_max_queries_samples_by_class_and_records_the_sample(fixture_paths, monkeypatch):
+    root = fixture_paths["root"]
+    drawn = []
+    real = evaluate_module.stratified_sample
+    monkeypatch.setattr(evaluate_module, "stratified_sample", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    m = evaluate(_cfg(fixture_paths, out=str(root / "q.json"), max_queries=12, query_seed=4))
+    assert m["meta/max_queries"] == 12 and m["meta/query_seed"] == 4 and m["meta/n_queries"] == 12
+    assert json.loads((root / "q.json").read_text())["meta/query_seed"] == 4
+    assert len(drawn) == 1 and np.array_equal(drawn[0], real(np.repeat(np.arange(6), 5), 12, 4))
+    assert np.bincount(np.repeat(np.arange(6), 5)[drawn[0]], minlength=6).tolist() == [2] * 6  # 2 per class
+    again = evaluate(_cfg(fixture_paths, out=str(root / "q2.json"), max_queries=12, query_seed=4))
+    assert _drop_how(again) == _drop_how(m)  # seeded
+    full = evaluate(_cfg(fixture_paths, out=str(root / "q3.json"), max_queries=30))
+    assert full["meta/n_queries"] == 30 and full["meta/max_queries"] == 30
+    # classification uses every item of the split, sampled or not
+    assert all(m[k] == full[k] for k in ("acc/image", "acc/text", "acc/fused", "macro_acc/text", "modality_gap"))
+
+
+def test_map_at_r_is_bounded_by_the_cap(fixture_paths):
+    """MAP@min(R, cap): with cap 1 it is the precision of the first item, R@1 of every defined query."""
+    root = fixture_paths["root"]
+    m = evaluate(_cfg(fixture_paths, out=str(root / "cap.json"), map_cap=1))
+    full = evaluate(_cfg(fixture_paths, out=str(root / "nocap.json")))
+    for task in TASKS:
+        assert m[f"{task}/MAP@R"] == pytest.approx(m[f"{task}/R@1"], abs=1e-12)
+        assert m[f"{task}/R@5"] == full[f"{task}/R@5"]
+    assert any(full[f"{t}/MAP@R"] != m[f"{t}/MAP@R"] for t in TASKS)  # the cap really acts
+    assert m["meta/map_r_cap"] == 1
+    streamed = evaluate(_cfg(fixture_paths, out=str(root / "cap2.json"), map_cap=1, data="stream"))
+    assert _drop_how(streamed) == _drop_how(m)
+
+
+def test_several_query_groups_give_the_same_metrics(fixture_paths, monkeypatch):
+    root = fixture_paths["root"]
+    one = evaluate(_cfg(fixture_paths, out=str(root / "g1.json"), data="stream", query_chunk=4, batch_size=4))
+    monkeypatch.setattr(evaluate_module, "QUERY_STATE_BYTES", 1)  # one query chunk per gallery pass
+    many = evaluate(_cfg(fixture_paths, out=str(root / "g2.json"), data="stream", query_chunk=4, batch_size=4))
+    assert _drop_how(one) == _drop_how(many)
+
+
+def test_streamed_baselines_and_report(fixture_paths, monkeypatch, tmp_path):
+    monkeypatch.setattr(evaluate_module, "fit", fake_fit([]))
+    root = fixture_paths["root"]
+    resident = evaluate(_cfg(fixture_paths, baselines=True, out=str(root / "b1.json"), data="resident"))
+    streamed = run_evaluation(_cfg(fixture_paths, baselines=True, out=str(root / "b2.json"), data="stream",
+                                   max_queries=20, report=str(tmp_path / "report")))
+    sampled = evaluate(_cfg(fixture_paths, baselines=True, out=str(root / "b3.json"), data="resident", max_queries=20))
+    assert _drop_how(streamed.metrics) == _drop_how(sampled)
+    assert set(streamed.metrics) == set(resident)
+    assert {k: v for k, v in streamed.metrics.items() if k.startswith("baseline/acc")} == \
+        {k: v for k, v in resident.items() if k.startswith("baseline/acc")}  # classification: every item
+    assert len(streamed.outputs.items) == 20  # the report draws from the queries
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
+def test_eval_config_refuses_unknown_choices():
+    with pytest.raises(HuseError, match="data"):
+        EvalConfig(data="disk")
+    with pytest.raises(HuseError, match="similarity"):
+        EvalConfig(similarity="float16")
+    with pytest.raises(HuseError, match="max_queries"):
+        EvalConfig(max_queries=-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from huse_pipeline.measures.retrieval import iter_topk, l2_normalize, similarity, target_ranks, topk
+from huse_pipeline.measures.retrieval import GalleryScan, iter_topk, l2_normalize, similarity, target_ranks, topk
 
 CHUNKS = [(1, 1), (3, 7), (7, 3), (1000, 1000)]
 
@@ -111,3 +111,72 @@ def test_cuda_matches_cpu():
     s_cpu, i_cpu = topk(query, query, 7, torch.arange(30), 4, 6)
     s_gpu, i_gpu = topk(query.cuda(), query.cuda(), 7, torch.arange(30).cuda(), 4, 6)
     assert torch.equal(i_gpu.cpu(), i_cpu) and torch.equal(s_gpu.cpu(), s_cpu)
+
+
+# ------------------------------------------------------------- a gallery that arrives in blocks
+
+
+def scan(query, gallery, k, exclude=None, target=None, blocks=1, chunks=(3, 4), precision="float64"):
+    """GalleryScan fed `gallery` in blocks of `blocks` gallery chunks."""
+    qc, gc = chunks
+    s = GalleryScan(query, gallery.shape[0], k, exclude, target, None if target is None else gallery[target], qc, gc,
+                    precision)
+    step = blocks * gc
+    for b0 in range(0, gallery.shape[0], step):
+        s.add(b0, gallery[b0:b0 + step])
+    return s
+
+
+@pytest.mark.parametrize("chunks", [(1, 1), (3, 4), (7, 3), (100, 100)])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_gallery_scan_gives_topk_and_target_ranks(chunks, precision):
+    query = tied_embeddings(19, 0)  # ties and duplicates: the tie rule decides most places
+    gallery = tied_embeddings(23, 1)
+    target = torch.tensor([(5 * i + 2) % 23 for i in range(19)])
+    for blocks in (1, 2, 10):
+        s = scan(query, gallery, 9, None, target, blocks, chunks, precision)
+        want_s, want_i = topk(query, gallery, 9, None, *chunks, precision=precision)
+        got_s, got_i = s.topk()
+        assert torch.equal(got_i, want_i) and torch.equal(got_s, want_s)
+        assert torch.equal(s.ranks(), target_ranks(query, gallery, target, None, *chunks, precision=precision))
+    # in-modal, the query excluded
+    s = scan(query, query, 5, torch.arange(19), None, 1, chunks, precision)
+    assert torch.equal(s.topk()[1], topk(query, query, 5, torch.arange(19), *chunks, precision=precision)[1])
+
+
+def test_gallery_scan_on_random_floats_and_ranks_only():
+    g = torch.Generator().manual_seed(9)
+    query = l2_normalize(torch.randn(33, 16, generator=g))
+    gallery = l2_normalize(torch.randn(70, 16, generator=g))
+    gallery[40] = gallery[3]
+    target = torch.arange(33) * 2
+    for precision in ("float64", "float32"):
+        s = scan(query, gallery, None, None, target, 3, (8, 8), precision)
+        assert torch.equal(s.ranks(), target_ranks(query, gallery, target, None, 8, 8, precision=precision))
+        assert s.best_s is None
+        s = scan(query, gallery, 70, None, None, 2, (8, 8), precision)
+        assert torch.equal(s.topk()[1], topk(query, gallery, 70, None, 8, 8, precision)[1])
+
+
+def test_float32_answers_match_float64_where_float32_is_exact():
+    query, gallery = tied_embeddings(15, 3), tied_embeddings(31, 4)  # small integers: exact in float32
+    for chunks in CHUNKS:
+        assert torch.equal(topk(query, gallery, 6, None, *chunks, precision="float32")[1],
+                           topk(query, gallery, 6, None, *chunks)[1])
+    assert similarity(query, gallery, "float32").dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        similarity(query, gallery, "bfloat16")
+
+
+def test_gallery_scan_refuses_misaligned_or_incomplete_galleries():
+    x = tied_embeddings(10, 5)
+    s = GalleryScan(x, 10, 3, query_chunk=4, gallery_chunk=4)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        s.add(2, x[2:6])
+    s.add(0, x[:4])
+    with pytest.raises(ValueError, match="seen 4 of 10"):
+        s.topk()
+    with pytest.raises(ValueError, match="in order"):
+        s.add(8, x[8:])
+    with pytest.raises(ValueError):
+        GalleryScan(x[:1], 1, 1, exclude=torch.zeros(1, dtype=torch.long))

@@ -174,3 +174,155 @@ def test_graph_flag_is_reserved(tmp_path):
     with pytest.raises(HuseError, match="reserved"):
         features.write_graph(out, np.zeros((2, 2)), np.zeros((2, 2), int), ["a", "b"], {features.GRAPH_COMPLETE: 1})
     assert not features.read_attrs(out)["has_graph"]
+
+
+# ------------------------------------------------------------------ reading lazily, in blocks (issue 18)
+
+
+def _blocky_file(tmp_path, n=53, views=2, seed=0):
+    """A feature file whose row count is no multiple of the small block sizes the tests use."""
+    rng = np.random.default_rng(seed)
+    names = ["a<x", "a<y", "b<z"]
+    labels = rng.integers(0, 3, n)
+    split = rng.choice(["train", "val", "test"], n, p=[0.6, 0.2, 0.2])
+    image = (3 * rng.normal(size=(n, 5)) + 7).astype(np.float32)  # a mean far from 0: cancellation shows
+    text = rng.normal(size=(n, 4)).astype(np.float32)
+    image_views = (image[:, None, :] + rng.normal(size=(n, views, 5))).astype(np.float32) if views else None
+    out = tmp_path / f"blocky{seed}.h5"
+    features.write_synthetic(out, image, text, [names[k] for k in labels], list(split), image_views=image_views)
+    return out
+
+
+def _old_digest(fs) -> str:
+    """features_digest as it was written before it hashed in blocks (runs recorded these values)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (fs.image_emb, fs.text_emb, fs.labels):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\n".join(map(str, fs.split)).encode())
+    return h.hexdigest()
+
+
+def test_streaming_digest_is_the_old_digest(tmp_path, monkeypatch):
+    path = _blocky_file(tmp_path)
+    fs = features.read_features(path)
+    want = _old_digest(fs)
+    for rows in (7, 2048):  # blocks smaller than the file, and one block
+        monkeypatch.setattr(features, "SCAN_ROWS", rows)
+        assert features.features_digest(fs) == want
+        with features.open_features(path) as ff:
+            assert features.features_digest(ff) == want
+    other = features.read_features(_blocky_file(tmp_path, seed=1))
+    assert features.features_digest(other) != want  # the comparison can fail
+
+
+def test_streaming_statistics_and_counts_equal_the_in_memory_ones(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(features, "SCAN_ROWS", 6)
+    path = _blocky_file(tmp_path)
+    fs = features.read_features(path)
+    with features.open_features(path) as ff:
+        summary = ff.summary()
+        assert ff.summary() is summary  # one pass, cached
+    train = fs.indices("train")
+    for name, arr in (("image", fs.image_emb), ("text", fs.text_emb)):
+        x = torch.as_tensor(arr[train]).double()
+        mean, std = summary.stats[name]
+        np.testing.assert_allclose(mean, x.mean(0).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(std, x.std(0).numpy(), rtol=1e-12)  # unbiased, as torch.std
+        assert torch.equal(torch.as_tensor(std).float(), x.std(0).float())  # what the towers get
+    for s in ("train", "val", "test"):
+        np.testing.assert_array_equal(summary.class_counts[s], np.bincount(fs.labels[fs.split == s], minlength=3))
+    assert summary.non_finite == {"image": 0, "text": 0}
+    image = fs.image_emb.copy()
+    image[4, 1], image[40, 0] = np.nan, np.inf
+    bad = tmp_path / "bad.h5"
+    features.write_synthetic(bad, image, fs.text_emb, [fs.class_names[k] for k in fs.labels], list(fs.split))
+    with features.open_features(bad) as ff:
+        assert ff.summary().non_finite == {"image": 2, "text": 0}
+
+
+def test_running_moments_are_the_two_pass_values_whatever_the_blocks():
+    rng = np.random.default_rng(3)
+    x = 1e4 + rng.normal(size=(101, 3))  # large mean, small spread
+    for cuts in ([101], [1, 100], [50, 1, 1, 49], [10] * 10 + [1]):
+        m, start = features.RunningMoments(3), 0
+        for c in cuts:
+            m.add(x[start:start + c])
+            start += c
+        np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-14)
+        np.testing.assert_allclose(m.std(), x.std(0, ddof=1), rtol=1e-9)
+    one = features.RunningMoments(3)
+    one.add(x[:1])
+    assert np.isnan(one.std()).all()  # as torch.std of one row
+
+
+def test_feature_file_reads_rows_and_items_as_the_feature_set_holds_them(tmp_path):
+    path = _blocky_file(tmp_path)
+    fs = features.read_features(path, views=True)
+    with features.open_features(path) as ff:
+        assert ff.n_items == 53 and ff.num_classes == 3 and ff.class_names == fs.class_names
+        np.testing.assert_array_equal(ff.labels, fs.labels)
+        assert ff.split.tolist() == fs.split.tolist() and (ff.split == "train").sum() == len(fs.indices("train"))
+        for s in ("train", "val", "test"):
+            np.testing.assert_array_equal(ff.indices(s), fs.indices(s))
+        assert ff.image_emb.shape == fs.image_emb.shape and ff.view_emb.shape == fs.view_emb.shape
+        np.testing.assert_array_equal(ff.view_item, fs.view_item)
+        np.testing.assert_array_equal(ff.row, fs.row)
+        assert ff.text[7] == fs.text[7] and ff.image_path[52] == fs.image_path[52] and len(ff.text) == 53
+        assert ff.nbytes() == fs.image_emb.nbytes + fs.text_emb.nbytes
+        assert ff.nbytes(views=True) == ff.nbytes() + fs.view_emb.nbytes
+        np.testing.assert_array_equal(ff.read_rows("image_emb", 50, 60), fs.image_emb[50:])  # clipped at the end
+        out = np.zeros((10, 4), np.float32)
+        got = ff.read_rows("text_emb", 3, 9, out=out)
+        np.testing.assert_array_equal(got, fs.text_emb[3:9])
+        assert got.base is out or got is out  # read into the given buffer
+        np.testing.assert_array_equal(ff.read_rows("view_emb", 1, 4), fs.view_emb[1:4])
+        items = np.array([0, 1, 2, 9, 30, 31, 52])
+        for gap, rows in ((0, 1), (1, 3), (16, 2048), (100, 4)):
+            np.testing.assert_array_equal(ff.read_items("image_emb", items, max_gap=gap, max_rows=rows),
+                                          fs.image_emb[items])
+        assert ff.read_items("text_emb", np.array([], np.int64)).shape == (0, 4)
+        with pytest.raises(ValueError, match="ascending"):
+            ff.read_items("image_emb", np.array([3, 1]))
+        with pytest.raises(ValueError, match="unknown"):
+            ff.read_rows("label", 0, 1)
+
+
+def test_a_float16_file_digests_and_summarises_as_its_float32_reading(tmp_path):
+    """Stage one may store the features in float16; read_features upcasts them, and the streaming pass
+    hashes and averages the same float32 values."""
+    rng = np.random.default_rng(1)
+    image, text = rng.normal(size=(9, 5)).astype(np.float16), rng.normal(size=(9, 3)).astype(np.float16)
+    path = tmp_path / "half.h5"
+    features.write_synthetic(path, image, text, ["a", "b", "c"] * 3, ["train"] * 6 + ["val"] * 3)
+    fs = features.read_features(path)
+    with features.open_features(path) as ff:
+        assert ff.image_emb.dtype == np.float16
+        assert features.features_digest(ff) == features.features_digest(fs) == _old_digest(fs)
+        np.testing.assert_allclose(ff.summary().stats["image"][0], image[:6].astype(np.float64).mean(0), rtol=1e-12)
+
+
+def test_block_writer_makes_the_file_write_synthetic_makes(tmp_path):
+    rng = np.random.default_rng(2)
+    names = ["a<x", "a<y", "b<z"]
+    n = 23
+    image, text = rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, n)
+    split = list(rng.choice(["train", "val", "test"], n))
+    features.write_synthetic(tmp_path / "a.h5", image, text, [names[k] for k in labels], split)
+    blocks = ((image[a:a + 7], text[a:a + 7], labels[a:a + 7], split[a:a + 7]) for a in range(0, n, 7))
+    features.write_synthetic_blocks(tmp_path / "b.h5", n, names, blocks)
+    a, b = features.read_features(tmp_path / "a.h5"), features.read_features(tmp_path / "b.h5")
+    for name in ("image_emb", "text_emb", "labels", "row"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert a.split.tolist() == b.split.tolist() and a.text == b.text and a.image_path == b.image_path
+    assert a.class_names == b.class_names and len(b.skipped) == 0
+    drop = {"package_version"}
+    assert {k: v for k, v in a.attrs.items() if k not in drop} == {k: v for k, v in b.attrs.items() if k not in drop}
+    assert features.features_digest(a) == features.features_digest(b)
+    with pytest.raises(HuseError, match="hold 7 items"):
+        features.write_synthetic_blocks(tmp_path / "c.h5", n, names, iter([(image[:7], text[:7], labels[:7], split[:7])]))
+    assert not (tmp_path / "c.h5").exists()

@@ -218,3 +218,169 @@ def test_a_second_source_trains_through_fit_unchanged(tmp_path):
     assert strip[0] == strip[1]
     # and it is really the source that was read: with views the resident run differs
     assert not states_equal(model.state_dict(), fit(fs, small(epochs=3))[0].state_dict())
+
+
+# ------------------------------------------------------------------ the streaming source (issue 18)
+
+from huse_pipeline.errors import HuseError  # noqa: E402
+from huse_pipeline.train import batches as batches_module  # noqa: E402
+from huse_pipeline.train.batches import StreamingSource, choose_data_mode, make_source  # noqa: E402
+
+SN, SK = 103, 2  # items and augmented views of the numbered file
+
+
+@pytest.fixture(scope="module")
+def numbered_file(tmp_path_factory):
+    """A feature file whose features name their items, like numbered_source: text[i] = (i, -i),
+    image[i] = 1000 i (deterministic view), augmented view k = 1000 i + k. Items 0, 5, 10, ... are
+    val, item 3 test, the rest train; class i % 4."""
+    item = np.arange(SN, dtype=np.float32)
+    image = np.repeat((1000 * item)[:, None], DI, axis=1)
+    text = np.stack([item, -item], axis=1)
+    views = (image[:, None, :] + np.arange(1, SK + 1, dtype=np.float32)[None, :, None]).astype(np.float32)
+    split = ["val" if i % 5 == 0 else "test" if i == 3 else "train" for i in range(SN)]
+    path = tmp_path_factory.mktemp("numbered") / "numbered.h5"
+    features.write_synthetic(path, image, text, [f"c<{i % 4}" for i in range(SN)], split, image_views=views)
+    return path
+
+
+def _cfg(**kw):
+    return small(**kw)
+
+
+def streaming(path, **kw) -> StreamingSource:
+    cfg = small(**{"stream_block_rows": 8, "stream_buffer_mb": 1, **kw})
+    return StreamingSource(features.open_features(path), cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("block_rows, window_blocks, batch_size", [(8, 1, 5), (8, 3, 7), (1, 2, 4), (50, 1, 64),
+                                                                   (200, 1, 3), (8, 100, 1)])
+def test_streaming_yields_every_train_item_exactly_once_per_epoch(numbered_file, block_rows, window_blocks,
+                                                                 batch_size):
+    source = streaming(numbered_file, stream_block_rows=block_rows)
+    source.window_blocks = window_blocks  # windows smaller and larger than a batch
+    assert isinstance(source, BatchSource) and source.data_mode == "stream"
+    train = [i for i in range(SN) if i % 5 and i != 3]
+    assert source.n_train == len(train) and (source.image_dim, source.text_dim) == (DI, 2)
+    for epoch in epochs(source, seed=0, n=3, batch_size=batch_size):
+        ids = [i for b in epoch for i in item_ids(b)]
+        assert sorted(ids) == train  # each train item once: no val, no test, no repeats
+        full, rest = divmod(len(train), batch_size)
+        assert [len(b) for b in epoch] == [batch_size] * full + ([rest] if rest else [])
+        for b in epoch:
+            assert b.image.dtype == torch.float32 and b.labels.dtype == torch.int64
+            assert b.labels.tolist() == [i % 4 for i in item_ids(b)]  # rows stay aligned
+            view = b.image[:, 0] - 1000 * b.text[:, 0]
+            assert ((view >= 0) & (view <= SK)).all() and torch.equal(b.image[:, 0], b.image[:, -1])
+
+
+def test_streaming_is_deterministic_under_the_generator_and_shuffles_across_blocks(numbered_file):
+    source = streaming(numbered_file)
+    a, b, c = epochs(source, 0, 3, 6), epochs(source, 0, 3, 6), epochs(source, 1, 3, 6)
+    assert all(same_batches(x, y) for x, y in zip(a, b))
+    assert not same_batches(a[0], c[0])  # the comparison can fail
+    assert not same_batches(a[0], a[1])  # a fresh order each epoch
+    blocks = {i // 8 for i in item_ids(a[0][0])}
+    assert len(blocks) > 1  # a batch mixes blocks (rows shuffled within the window)
+    # the state after an epoch is all that matters (what --resume restores), and an epoch takes its one
+    # number from the generator when it is asked for, before any batch is read
+    gen = torch.Generator().manual_seed(0)
+    batches = source.train_batches(6, gen)
+    after = gen.get_state()
+    next(batches)
+    batches.close()  # stopping early ends the reader thread
+    assert torch.equal(gen.get_state(), after)
+    resumed = torch.Generator()
+    resumed.set_state(after)
+    assert same_batches(list(source.train_batches(6, resumed)), a[1])
+    # another buffer (window) size is another order, still every item once
+    other = streaming(numbered_file)
+    other.window_blocks = 1
+    assert not same_batches(epochs(other, 0, 1, 6)[0], a[0])
+
+
+def test_streaming_draws_a_fresh_view_per_item_per_epoch(numbered_file):
+    source = streaming(numbered_file)
+    choice = [{i: int(v) for b in epoch for i, v in zip(item_ids(b), b.image[:, 0] - 1000 * b.text[:, 0])}
+              for epoch in epochs(source, 2, 6, 9)]
+    assert {v for c in choice for v in c.values()} == set(range(SK + 1))  # deterministic and every augmented view
+    assert any(choice[0][i] != choice[1][i] for i in choice[0])
+    for epoch in epochs(streaming(numbered_file, use_views=False), 2, 2, 9):
+        assert all(torch.equal(b.image[:, 0], 1000 * b.text[:, 0]) for b in epoch)
+
+
+def test_streaming_validation_statistics_and_graph(numbered_file):
+    source = streaming(numbered_file)
+    for batch_size in (2, 7, 500):
+        batches = list(source.val_batches(batch_size))
+        assert [i for b in batches for i in item_ids(b)] == list(range(0, SN, 5))  # file order
+        assert all(torch.equal(b.image[:, 0], 1000 * b.text[:, 0]) for b in batches)  # deterministic view
+    sample = np.array([5, 35, 100])
+    assert [i for b in source.val_batches(2, sample) for i in item_ids(b)] == sample.tolist()
+    fs = features.read_features(numbered_file, views=True)
+    resident = ResidentSource.from_features(fs, _cfg(), torch.device("cpu"))
+    for name in ("image", "text"):
+        for got, want in zip(source.input_stats()[name], resident.input_stats()[name]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert source.class_dist is None  # the numbered file has no graph
+
+
+def test_streaming_refuses_what_the_resident_source_refuses(tmp_path):
+    rng = np.random.default_rng(0)
+    image, text = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(6, 2)).astype(np.float32)
+    path = tmp_path / "noval.h5"
+    features.write_synthetic(path, image, text, ["a", "b"] * 3, ["train"] * 6)
+    with pytest.raises(HuseError, match="no val items"):
+        streaming(path)
+    image[2, 1] = np.nan
+    path = tmp_path / "nan.h5"
+    features.write_synthetic(path, image, text, ["a", "b"] * 3, ["train"] * 4 + ["val"] * 2)
+    with pytest.raises(HuseError, match="1 non-finite image feature"):
+        streaming(path)
+
+
+def test_auto_picks_by_size_and_says_which(numbered_file, monkeypatch, caplog):
+    ff = features.open_features(numbered_file)
+    cpu = torch.device("cpu")
+    with caplog.at_level("INFO"):
+        assert choose_data_mode(ff, _cfg(), cpu) == "resident"
+    assert "--data auto: resident" in caplog.text
+    monkeypatch.setattr(batches_module, "available_memory", lambda device: 4 * ff.nbytes(views=True) - 1)
+    assert choose_data_mode(ff, _cfg(), cpu) == "stream"  # the items would take over a quarter
+    assert choose_data_mode(ff, _cfg(use_views=False), cpu) == "resident"  # without the views they fit
+    assert isinstance(make_source(ff, _cfg(), cpu), StreamingSource)
+    assert choose_data_mode(ff, _cfg(data="resident"), cpu) == "resident"
+    assert choose_data_mode(features.read_features(numbered_file), _cfg(), cpu) == "resident"  # already in memory
+    assert isinstance(make_source(ff, _cfg(data="resident"), cpu), ResidentSource)
+    assert batches_module.available_memory(cpu) > 0
+
+
+def test_resident_source_from_an_open_file_is_the_in_memory_one(numbered_file):
+    fs = features.read_features(numbered_file, views=True)
+    ff = features.open_features(numbered_file)
+    a = ResidentSource.from_features(fs, _cfg(), torch.device("cpu"))
+    b = ResidentSource.from_features(ff, _cfg(), torch.device("cpu"))
+    for name in ("image", "text", "labels", "train_idx", "val_idx", "view_emb", "view_row"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert all(same_batches(x, y) for x, y in zip(epochs(a, 4, 2, 10), epochs(b, 4, 2, 10)))
+
+
+def test_float16_storage_upcasts_each_batch():
+    """On CUDA the resident items are stored in float16 (half the memory) and every batch is float32."""
+    source = numbered_source()
+    half = ResidentSource(source.image.half(), source.text.half(), source.labels, source.train_idx, source.val_idx,
+                          None, source.view_emb.half(), source.view_row, stats=source.input_stats())
+    for x, y in zip(epochs(source, 0, 1, 4)[0], epochs(half, 0, 1, 4)[0]):
+        assert y.image.dtype == torch.float32 and y.text.dtype == torch.float32
+        assert torch.equal(x.image.half().float(), y.image) and torch.equal(x.text.half().float(), y.text)
+    assert half.input_stats() is half.stats  # computed from the float32 values, before storing
+
+
+def test_input_stats_of_a_large_split_go_by_columns_with_the_same_values(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    feats = 5 + 3 * torch.randn(500, 300, generator=g)
+    idx = torch.randperm(500, generator=g)[:400]
+    want = batches_module._input_stats(feats, idx)
+    monkeypatch.setattr(batches_module, "STATS_EXACT_BYTES", 400 * 70 * 8)  # blocks of 70 columns, last wider
+    got = batches_module._input_stats(feats, idx)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -393,5 +393,106 @@ def test_train_config_builds_on_the_tower_settings_once():
         "modality", "preset", "optimizer", "lr", "weight_decay", "momentum", "batch_size", "epochs", "steps",
         "schedule", "alpha", "beta", "gamma", "zeta", "margin_rule", "graph_pairs", "embed_dim", "hidden_dim",
         "image_layers", "text_layers", "dropout", "image_input_dropout", "relu_before_norm", "input_norm", "use_views",
-        "select", "patience", "eval_every", "seed", "device", "amp"}
+        "select", "patience", "eval_every", "seed", "device", "amp",
+        "data", "stream_buffer_mb", "stream_block_rows", "val_sample"}  # issue 18: where the items live, val sample
     assert TrainConfig.from_saved(saved) == TrainConfig()
+
+
+# ------------------------------------------------------------------------ streaming (issue 18)
+
+
+def test_streaming_and_resident_training_reach_the_same_accuracy(feats):
+    """The two sources draw different orders, so their runs differ; both must learn equally well:
+    the streamed run's val accuracy lies within the resident runs' spread over seeds (plus a little)."""
+    ff = features.open_features(feats)
+    cfg = small(epochs=10, stream_block_rows=16, stream_buffer_mb=1)
+    resident = [fit(ff, dataclasses.replace(cfg, data="resident", seed=s))[1][-1]["val/acc/mean"] for s in (0, 1, 2)]
+    stream = [fit(ff, dataclasses.replace(cfg, data="stream", seed=s))[1][-1]["val/acc/mean"] for s in (0, 1)]
+    low, high = min(resident), max(resident)
+    assert all(low - 0.05 <= a <= high + 0.05 for a in stream), (resident, stream)
+    assert min(stream) > 3 / len(CLASSES)
+
+
+def test_streaming_is_bit_reproducible_and_resumes_identically(feats, tmp_path, monkeypatch):
+    ff = features.open_features(feats)
+    cfg = small(epochs=4, patience=10, data="stream", stream_block_rows=16, stream_buffer_mb=1)
+    fit(ff, cfg, tmp_path / "straight")
+    fit(ff, cfg, tmp_path / "again")
+    real_loss, calls = train._loss, {"n": 0}
+    steps_per_epoch = math.ceil(len(ff.indices("train")) / cfg.batch_size)
+
+    def interrupted(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2 * steps_per_epoch + 2:  # in the middle of epoch 3
+                raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(ff, cfg, tmp_path / "cut")
+    monkeypatch.setattr(train, "_loss", real_loss)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    fit(ff, cfg, tmp_path / "cut", resume=True)
+    a, b, c = (load_checkpoint(tmp_path / r / "last.pt") for r in ("straight", "again", "cut"))
+    assert a["data_mode"] == "stream" and a["epoch"] == c["epoch"] == 4
+    assert states_equal(a["model_state"], b["model_state"]) and states_equal(a["model_state"], c["model_state"])
+    rows = [[{k: v for k, v in json.loads(x).items() if k != "time_s"}
+             for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("straight", "cut")]
+    assert rows[0] == rows[1]
+    fit(ff, dataclasses.replace(cfg, data="resident"), tmp_path / "res")
+    resident = load_checkpoint(tmp_path / "res" / "last.pt")
+    assert resident["data_mode"] == "resident" and not states_equal(a["model_state"], resident["model_state"])
+
+
+def test_resume_with_auto_continues_in_the_mode_the_run_ran_in(feats, tmp_path, monkeypatch):
+    ff = features.open_features(feats)
+    cfg = small(epochs=2, stream_block_rows=16, stream_buffer_mb=1)
+    fit(ff, dataclasses.replace(cfg, data="stream"), tmp_path / "run")
+    made = []
+    real = train.default_source
+    monkeypatch.setattr(train, "default_source", lambda fs, c, d: made.append(c.data) or real(fs, c, d))
+    fit(ff, dataclasses.replace(cfg, epochs=3), tmp_path / "run", resume=True, make_source=train.default_source)
+    assert made == ["stream"]
+
+
+def test_val_sample_validates_each_epoch_on_a_stratified_sample_and_the_best_on_all(feats, tmp_path, monkeypatch):
+    ff = features.open_features(feats)
+    seen = []
+    real = train.validate
+
+    def counting(model, source, cfg, amp=False, items=None):
+        seen.append(None if items is None else list(items))
+        return real(model, source, cfg, amp, items)
+
+    monkeypatch.setattr(train, "validate", counting)
+    _, history = fit(ff, small(epochs=3, val_sample=24), tmp_path / "run")
+    val = ff.indices("val")
+    assert len(seen) == 4 and seen[-1] is None  # 3 epochs on the sample, then the best on every val item
+    assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 24 and set(seen[0]) <= set(val.tolist())
+    counts = np.bincount(ff.labels[seen[0]], minlength=len(CLASSES))
+    share = 24 * np.bincount(ff.labels[val], minlength=len(CLASSES)) / len(val)
+    assert np.all(np.abs(counts - share) < 1)  # stratified by class
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["metrics"]["val/items"] == len(val) and "val/sample_metrics" in best["metrics"]
+    row = history[best["epoch"] - 1]
+    assert best["metrics"]["val/sample_metrics"]["val/acc/mean"] == row["val/acc/mean"]
+    assert {"val/acc/image", "val/acc/text", "val/acc/fused", "val/acc/mean", "val/loss"} <= set(best["metrics"])
+    # the default validates every val item every epoch, as before
+    seen.clear()
+    fit(ff, small(epochs=2))
+    assert seen == [None, None]
+
+
+def test_cli_train_streams_when_asked(feats, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--features", str(feats), "--epochs", "2", "--embed-dim", "16", "--hidden-dim", "32",
+            "--image-layers", "1", "--text-layers", "1", "--zeta", "0.75", "--device", "cpu", "--data", "stream",
+            "--stream-buffer-mb", "1", "--stream-block-rows", "32", "--val-sample", "30", "--out", "run"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["data"] == "stream" and config["train"]["val_sample"] == 30
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["data_mode"] == "stream"
+    bad = CliRunner().invoke(cli.main, args[:-2] + ["--data", "disk"])
+    assert bad.exit_code == 2 and "disk" in bad.output
