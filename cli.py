@@ -13,12 +13,14 @@ import click
 from huse_pipeline import __version__
 from huse_pipeline.errors import HuseError
 from huse_pipeline.settings import (
+    DEFAULT_FEATURE_DTYPE,
     DEFAULT_FEATURES,
     DEFAULT_IMAGE_ENCODER,
     DEFAULT_IMAGE_POOL,
     DEFAULT_MAX_PIXELS,
     DEFAULT_TEXT_ENCODER,
     ENCODER_JOIN,
+    FEATURE_DTYPES,
     IMAGE_FITS,
     IMAGE_POOLS,
     split_encoder_names,
@@ -112,12 +114,14 @@ def _echo_summary(title: str, summary: dict) -> None:
 # checks the same things again; the messages here are its messages.
 
 
-def _check_features(path: str, need_graph: bool = False) -> dict:
+def _check_features(path: str, need_graph: bool = False, check_graph: bool = True) -> dict:
     """The feature file's attributes; HuseError if it is missing, not a feature file of this
-    version, or (with `need_graph`) has no complete semantic graph."""
+    version, malformed (`features.check_feature_file`; its graph too with `check_graph`), or (with
+    `need_graph`) has no complete semantic graph."""
     from huse_pipeline.store import features  # h5py, numpy, pandas: no torch
 
     attrs = features.read_attrs(path)
+    features.check_feature_file(path, graph=check_graph)  # labels, shapes, lengths: one line, not a traceback later
     if need_graph and not attrs["has_graph"]:
         if attrs["graph_incomplete"]:
             raise HuseError(f"the semantic graph in {path} is incomplete (`huse build-graph` was interrupted): "
@@ -131,7 +135,8 @@ def _preflight_extract(catalogue: str, options: dict) -> None:
 
     # the whole structural check (file, columns, split values, shifted rows), as extraction makes it
     read_catalogue(catalogue, options["image_root"], options["label_sep"], options["split_seed"],
-                   options["val_fraction"], options["test_fraction"])
+                   options["val_fraction"], options["test_fraction"], options["allow_outside_root"],
+                   report_duplicates=False)  # extraction reports them
     if options["image_root"] is not None and not Path(options["image_root"]).is_dir():
         raise HuseError(f"--image-root {options['image_root']} is not a folder")
     weights = options["image_weights"]
@@ -167,11 +172,36 @@ def _preflight_eval(run: str | None, checkpoint: str | None, features: str | Non
 # ------------------------------------------------------------------------------ stage one
 
 
+def _check_extract_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _log_as_rank(rank: int) -> None:
+    """Prefix every log line with the torchrun rank; ranks other than 0 report only problems."""
+    class _Prefix(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg = f"[rank {rank}] {record.msg}"
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Prefix())
+    if rank:
+        logging.getLogger("huse_pipeline").setLevel(logging.WARNING)
+
+
 @main.command("extract-features")
 @click.option("--catalogue", type=click.Path(dir_okay=False), default=None,
               help="Catalogue CSV (image,text,label[,split]). Default: the bundled demo, data/catalogue.csv.")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
-              help="Folder the image paths are relative to (absolute paths work too). Default: the catalogue's folder.")
+              help="Folder the image paths are relative to (absolute paths inside it work too). Default: the catalogue's folder.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read images outside --image-root too (absolute paths, '..' and symlinks leading out of it). "
+                   "Without it such rows are skipped: a catalogue must not make huse read any file it names. "
+                   "The bundled demo (its images are in ../images) is read as if given.")
 @click.option("--out", type=click.Path(dir_okay=False), default=DEFAULT_FEATURES,
               help="Feature file to write (unfinished work is kept in OUT.parts/ until the end).")
 @click.option("--image-encoder", default=DEFAULT_IMAGE_ENCODER, show_default=True, callback=_check_image_encoder,
@@ -201,10 +231,26 @@ def _preflight_eval(run: str | None, checkpoint: str | None, features: str | Non
               help="Test share of each class when the CSV has no split column.")
 @click.option("--seed", type=int, default=0, help="Seed of the augmentations.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per network batch.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=2, help="Image decoding processes (0: decode in the main process).")
-@click.option("--device", type=DEVICES, default="auto", help="Where the encoders run; auto picks CUDA when present.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, show_default="auto",
+              help="Image decoding processes per process (0: decode in the main process). auto: the CPUs of this node "
+                   "per local process (torchrun's LOCAL_WORLD_SIZE) minus one, 1 to 8; at least 2 for a lone process.")
+@click.option("--device", default="auto", callback=_check_extract_device,
+              help="Where the encoders run: auto (CUDA when present), cpu, cuda or cuda:N. Under torchrun auto and cuda "
+                   "mean cuda:LOCAL_RANK (CPU with gloo when there is no GPU).")
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULT_FEATURE_DTYPE,
+              help="Storage of the features in the file: float16 halves the file and stage two's memory (readers "
+                   "upcast to float32; BENCHMARKS.md measures what it changes).")
 @click.option("--part-rows", type=click.IntRange(min=1), default=1024,
-              help="Rows per part file: the unit of progress kept when a run is interrupted.")
+              help="Rows per part file (shard): the unit of progress kept when a run is interrupted and of the work "
+                   "shared by many processes; never depends on their number.")
+@click.option("--worker-index", type=click.IntRange(min=0), default=None,
+              help="Job arrays without torchrun: this worker's index (SLURM: $SLURM_ARRAY_TASK_ID; Kubernetes indexed "
+                   "jobs: $JOB_COMPLETION_INDEX). It computes shards and exits; merge with --merge-only.")
+@click.option("--worker-count", type=click.IntRange(min=1), default=None,
+              help="Job arrays: the number of workers (SLURM: $SLURM_ARRAY_TASK_COUNT; Kubernetes: the completions).")
+@click.option("--merge-only", is_flag=True,
+              help="Merge the finished shards of a job-array or torchrun job into OUT without loading any encoder; "
+                   "refuses, naming them, if shards are missing or bad.")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS,
               help="Images with more pixels are skipped as too large.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -214,25 +260,40 @@ def _preflight_eval(run: str | None, checkpoint: str | None, features: str | Non
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing feature file made with other settings (it stays until the new one is complete) and "
                    "discard unfinished parts made with other settings; parts made with these settings are reused.")
-def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
+def extract_features_cmd(catalogue, overwrite, threads, worker_index, worker_count, merge_only, **options) -> None:
     """Stage one: run the frozen image and text encoders over a catalogue into an HDF5 feature file.
 
-    Interrupted runs continue where they stopped when the same command is run again.
+    Interrupted runs continue where they stopped when the same command is run again, with any number
+    of processes. Many GPUs or machines: `torchrun --nproc-per-node 8 -m huse_pipeline extract-features ...`.
     """
     catalogue = catalogue or _default_catalogue()
+    if Path(catalogue).resolve() == DEMO_CATALOGUE.resolve():  # our own data: its images live in ../images
+        options["allow_outside_root"] = True
     _preflight_extract(catalogue, options)
     import torch
 
+    from huse_pipeline.extract.distributed import Worker
     from huse_pipeline.extract.run import ExtractConfig, extract_features, tune_cpu_allocator
     from huse_pipeline.utils import resolve_device
 
+    worker = Worker.from_env(worker_index, worker_count)
+    if worker.world > 1:  # torchrun: every line says its rank, and only rank 0 reports progress
+        _log_as_rank(worker.rank)
     tune_cpu_allocator()  # no page faults for every batch's activations
-    if threads is None and options["num_workers"] > 0 and resolve_device(options["device"]).type == "cpu":
+    if (threads is None and options["num_workers"] != 0 and not merge_only
+            and worker.device(options["device"]).type == "cpu"):
         threads = max(1, torch.get_num_threads() - 1)  # leave a core to the decoding workers (BENCHMARKS.md)
     if threads:
         torch.set_num_threads(threads)
     cfg = ExtractConfig(catalogue=catalogue, **options)
-    summary = extract_features(cfg, overwrite=overwrite)
+    summary = extract_features(cfg, overwrite=overwrite, worker=worker, merge_only=merge_only)
+    if summary.pop("follower", False):  # another rank of a torchrun job: rank 0 reports
+        if summary.get("stopped"):
+            sys.exit(1)
+        return
+    if "shards_missing" in summary:  # a job-array worker
+        _echo_summary(f"{summary.pop('worker')}: shards written beside {cfg.out}", summary)
+        return
     if summary.pop("up_to_date"):
         _echo_summary(f"{cfg.out} is up to date (same catalogue and settings): nothing to do. "
                       "Use --overwrite to recompute it.", summary)
@@ -251,7 +312,7 @@ def extract_features_cmd(catalogue, overwrite, threads, **options) -> None:
 @click.option("--device", type=DEVICES, default="auto")
 def build_graph_cmd(**options) -> None:
     """Compute the semantic graph A over the classes and the class hierarchy, into the feature file."""
-    _check_features(options["features"])
+    _check_features(options["features"], check_graph=False)  # a wrong-shaped graph is what it rewrites
     from huse_pipeline.extract.graph import GraphConfig, build_graph
 
     summary = build_graph(GraphConfig(**options))
@@ -320,6 +381,17 @@ PRESET_HELP = "Default: from --preset (default: {default}; paper: {paper})."
 @click.option("--seed", type=int, default=0)
 @click.option("--device", type=DEVICES, default="auto", help="auto picks CUDA when present.")
 @click.option("--amp/--no-amp", default=True, help="bf16 autocast of the towers on CUDA (losses in float32).")
+@click.option("--data", type=click.Choice(["auto", "resident", "stream"]), default="auto", show_default=True,
+              help="Where the items live: resident = all on the device (float16 on CUDA); stream = shuffled blocks "
+                   "read from the file in the background, memory set by --stream-buffer-mb; auto = resident when "
+                   "they take under a quarter of the free memory (it logs which).")
+@click.option("--stream-buffer-mb", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="--data stream: memory of the shuffle buffer (a window of blocks and the next one, read ahead).")
+@click.option("--stream-block-rows", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="--data stream: contiguous file rows read at a time; blocks are shuffled, then rows within a window.")
+@click.option("--val-sample", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Validate each epoch on a seeded class-stratified sample of this many val items (0: all); "
+                   "the best checkpoint is then validated on all of them.")
 @click.pass_context
 def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, preset: str, **options) -> None:
     """Stage two: train the HUSE towers and shared classifier on a feature file into a run folder.
@@ -383,6 +455,21 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
 @click.option("--query-chunk", type=click.IntRange(min=1), default=1024, help="Queries per retrieval block.")
 @click.option("--gallery-chunk", type=click.IntRange(min=1), default=16384,
               help="Gallery items per retrieval block (memory ~ query-chunk x gallery-chunk).")
+@click.option("--data", type=click.Choice(["auto", "resident", "stream"]), default="auto", show_default=True,
+              help="resident: hold the split's outputs; stream: hold only the queries and read the split again in "
+                   "blocks (embedded on the fly); auto: stream when the outputs would take over a quarter of the "
+                   "free memory. Both give the same numbers.")
+@click.option("--max-queries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Queries per retrieval task: a class-stratified sample of this many items (0: every item); the "
+                   "gallery stays the whole split. The JSON records it (meta/max_queries, meta/query_seed).")
+@click.option("--query-seed", type=int, default=0, show_default=True, help="Seed of the --max-queries sample.")
+@click.option("--similarity", type=click.Choice(["auto", "float64", "float32"]), default="auto", show_default=True,
+              help="Precision of the similarities: float64 accumulation (chunk-independent), or float32 (faster); "
+                   "auto: float32 beyond 2^28 query-gallery pairs.")
+@click.option("--map-cap", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="MAP@R is MAP@min(R, cap): exact for classes of up to cap + 1 items, bounded beyond.")
+@click.option("--block-rows", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="--data stream: split items read and embedded at a time.")
 def eval_cmd(**options) -> None:
     """Evaluate a trained model on one split: classification, class- and instance-level retrieval,
     hierarchical precision, mistake severity, the fidelity of the universal space."""

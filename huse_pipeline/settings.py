@@ -24,6 +24,10 @@ DEFAULT_IMAGE_POOL = "avg+mid"  # chosen on the real catalogue's val split (BENC
 IMAGE_FITS = ("pad", "crop", "squash")
 DEFAULT_MAX_PIXELS = 64_000_000  # larger images are skipped as too large (decompression-bomb guard)
 
+# ---- stage one: storage of the features in the feature file (readers upcast to float32)
+FEATURE_DTYPES = ("float32", "float16")
+DEFAULT_FEATURE_DTYPE = "float32"
+
 
 def check_image_pool(pool: str) -> None:
     if pool not in IMAGE_POOLS:

@@ -29,7 +29,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -277,6 +277,62 @@ def write_synthetic(
     return write_merged(out, [part], catalogue, {**base, **(attrs or {})})
 
 
+def write_synthetic_blocks(
+    out: str | Path,
+    n_items: int,
+    class_names: Sequence[str],
+    blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str]]],
+    attrs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a feature file of `n_items` items a block at a time (benchmarks: files larger than memory).
+
+    `blocks` yields (image (b, Di), text (b, Dt), label (b,) indices into the sorted `class_names`,
+    split (b,)) in item order, n_items rows in all. The layout is `write_synthetic`'s (every item
+    usable, catalogue row = item, synthetic image paths and texts); written atomically. Memory: one block.
+    """
+    class_names = list(class_names)
+    if class_names != sorted(set(class_names)):
+        raise HuseError("internal error: class names must be sorted and distinct")
+    with atomic_path(out) as tmp:
+        with h5py.File(tmp, "w") as f:
+            items, start, dims = f.create_group("items"), 0, None
+            for image, text, label, split in blocks:
+                b = len(label)
+                if dims is None:
+                    dims = (image.shape[1], text.shape[1])
+                    items.create_dataset("image_emb", shape=(n_items, dims[0]), dtype=image.dtype)
+                    items.create_dataset("text_emb", shape=(n_items, dims[1]), dtype=text.dtype)
+                    items.create_dataset("label", shape=(n_items,), dtype=np.int64)
+                    items.create_dataset("row", data=np.arange(n_items, dtype=np.int64))
+                    for name in ("split", "image_path", "text", "text_used"):
+                        items.create_dataset(name, shape=(n_items,), dtype=_STR)
+                if start + b > n_items:
+                    raise HuseError(f"internal error: the blocks hold more than {n_items} items")
+                sl = slice(start, start + b)
+                items["image_emb"][sl] = image
+                items["text_emb"][sl] = text
+                items["label"][sl] = np.asarray(label, dtype=np.int64)
+                items["split"][sl] = np.asarray(split, dtype=object)
+                items["image_path"][sl] = np.asarray([f"img{i}.jpg" for i in range(start, start + b)], dtype=object)
+                texts = np.asarray([f"text {i}" for i in range(start, start + b)], dtype=object)
+                items["text"][sl] = texts
+                items["text_used"][sl] = texts
+                start += b
+            if start != n_items:
+                raise HuseError(f"internal error: the blocks hold {start} items, not {n_items}")
+            base = {"image_encoder": "synthetic", "image_dim": int(dims[0]), "text_encoder": "synthetic",
+                    "text_dim": int(dims[1]), "augment_views": 0, "label_sep": "<", "image_root": "."}
+            _write_attrs(f, {**base, **(attrs or {}), "format": FORMAT, "schema_version": SCHEMA_VERSION,
+                             "package_version": __version__, "n_items": n_items, "n_classes": len(class_names),
+                             "n_skipped": 0})
+            f.create_group("classes").create_dataset("name", data=np.asarray(class_names, dtype=object), dtype=_STR)
+            skipped = f.create_group("skipped")
+            skipped.create_dataset("row", data=np.zeros(0, np.int64))
+            for name in ("image_path", "text", "label", "reason"):
+                skipped.create_dataset(name, data=np.zeros(0, dtype=object), dtype=_STR)
+    return {"n_items": n_items, "n_classes": len(class_names), "n_skipped": 0, "skipped_by_reason": {}}
+
+
 # ---------------------------------------------------------------------------------- reading
 
 
@@ -356,8 +412,8 @@ def read_features(path: str | Path, views: bool = False) -> FeatureSet:
         fs = FeatureSet(
             path=path,
             attrs=_read_attrs(f),
-            image_emb=items["image_emb"][()],
-            text_emb=items["text_emb"][()],
+            image_emb=items["image_emb"][()].astype(np.float32, copy=False),  # --dtype float16 files: upcast
+            text_emb=items["text_emb"][()].astype(np.float32, copy=False),
             labels=items["label"][()],
             split=np.asarray(_strings(items["split"]), dtype=object),
             class_names=_strings(f["classes/name"]),
@@ -441,12 +497,18 @@ def write_graph(
         _rewrite_attrs(graph, {GRAPH_COMPLETE: True}, keep=list(graph.attrs))
 
 
-def features_digest(fs: FeatureSet) -> str:
+def features_digest(fs: "FeatureSet | FeatureFile") -> str:
     """A content hash of the items (features, labels, splits): a run records it, so that --resume
-    and `huse eval` can tell the feature file it was trained on from another."""
+    and `huse eval` can tell the feature file it was trained on from another.
+
+    Hashed a block of rows at a time (no copy of the arrays); a `FeatureFile` gives the same value
+    from its one streaming pass (`FeatureFile.summary`)."""
+    if isinstance(fs, FeatureFile):
+        return fs.summary().digest
     h = hashlib.blake2b(digest_size=16)
     for arr in (fs.image_emb, fs.text_emb, fs.labels):
-        h.update(np.ascontiguousarray(arr).tobytes())
+        for start in range(0, len(arr), SCAN_ROWS):
+            h.update(np.ascontiguousarray(arr[start:start + SCAN_ROWS]))  # the same bytes as one tobytes()
     h.update("\n".join(map(str, fs.split)).encode())
     return h.hexdigest()
 
@@ -472,14 +534,287 @@ def iter_item_blocks(path: str | Path, fields: Sequence[str], block_rows: int = 
                                  else items[name][start:stop]) for name in fields}
 
 
-def file_features_digest(path: str | Path, block_rows: int = 16384) -> str:
-    """`features_digest` of the feature file at `path` (the same value), read in blocks of rows."""
-    h = hashlib.blake2b(digest_size=16)
+# ---------------------------------------------------------------- a feature file read lazily
+# (stage two and `huse eval` on files larger than memory: the per-item columns they need are held,
+# a few bytes per item; the feature arrays stay in the file and are read a block of rows at a time)
+
+SCAN_ROWS = 2048  # rows per block of the digest and of the streaming pass: ~37 MB at 4,160 + 384 float32 dims
+ITEM_ARRAYS = ("image_emb", "text_emb")
+
+
+@dataclass(frozen=True)
+class ItemSummary:
+    """What one streaming pass over a feature file's items gives (`FeatureFile.summary`)."""
+
+    digest: str  # features_digest of the file
+    class_counts: dict[str, np.ndarray]  # split name -> (C,) int64 items of each class
+    stats: dict[str, tuple[np.ndarray, np.ndarray]]  # image | text -> train-split (mean, std) (D,) float64, std unbiased
+    non_finite: dict[str, int]  # image | text -> non-finite feature values over all items
+
+
+class RunningMoments:
+    """Per-feature mean and unbiased variance of rows added a block at a time, in float64 (the pairwise
+    update of Chan, Golub and LeVeque): equal to the two-pass values up to rounding, whatever the blocks."""
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(dim, dtype=np.float64)
+        self.m2 = np.zeros(dim, dtype=np.float64)  # sum of squared deviations from the mean
+
+    def add(self, x: np.ndarray) -> None:
+        """Add the rows of x (b, D)."""
+        if len(x) == 0:
+            return
+        x = np.asarray(x, dtype=np.float64)
+        n_b, mean_b = len(x), x.mean(axis=0)
+        m2_b = np.square(x - mean_b).sum(axis=0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + np.square(delta) * (self.n * n_b / n)
+        self.n = n
+
+    def std(self) -> np.ndarray:
+        """(D,) unbiased standard deviation (NaN with fewer than two rows, as torch.std)."""
+        if self.n < 2:
+            return np.full_like(self.mean, np.nan)
+        return np.sqrt(self.m2 / (self.n - 1))
+
+
+def _read_split(ds: h5py.Dataset, block_rows: int = 1 << 16) -> np.ndarray:
+    """(N,) object array of split names in which each distinct name is one shared str (8 bytes an item)."""
+    names: dict[str, str] = {}
+    out = np.empty(len(ds), dtype=object)
+    for start in range(0, len(ds), block_rows):
+        block = ds.asstr()[start:start + block_rows]
+        out[start:start + len(block)] = [names.setdefault(s, s) for s in block]
+    return out
+
+
+class _StringColumn:
+    """A string column of /items read one element at a time (`fs.text[i]`), never whole."""
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self._ds = ds
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i: int) -> str:
+        return self._ds.asstr()[int(i)]
+
+
+class FeatureFile:
+    """A feature file held open for reading in blocks: the members of a `FeatureSet`, but only the small
+    per-item columns in memory (labels: 8 bytes an item; splits: 8; the graph, classes and attributes).
+
+    `image_emb`, `text_emb` and `view_emb` are the file's h5py datasets (`.shape`, `.dtype`, slices
+    `[a:b]`), read with `read_rows` / `read_items`; `image_path`, `text` read one string at a time;
+    `summary()` makes the one streaming pass that gives the digest, the train split's input statistics
+    and the class counts. Use it as a context manager, or `close()` it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = f = _open(self.path)
+        try:
+            items = f["items"]
+            self.attrs = _read_attrs(f)
+            self.image_emb: h5py.Dataset = items["image_emb"]  # (N, Di)
+            self.text_emb: h5py.Dataset = items["text_emb"]  # (N, Dt)
+            self.labels: np.ndarray = items["label"][()]  # (N,) int64
+            self.split: np.ndarray = _read_split(items["split"])  # (N,) str objects
+            self.class_names: list[str] = _strings(f["classes/name"])
+            self.image_path, self.text = _StringColumn(items["image_path"]), _StringColumn(items["text"])
+            self.view_emb: h5py.Dataset | None = f["views/image_emb"] if "views" in f else None  # (M, K, Di)
+            self.view_item: np.ndarray | None = f["views/item"][()] if "views" in f else None  # (M,) ascending
+            self.class_dist: np.ndarray | None = None
+            self.graph_attrs: dict[str, Any] = {}
+            self.tree_dist: np.ndarray | None = None
+            if _graph_present(f, self.path):
+                self.class_dist = f["graph/class_dist"][()]
+                self.graph_attrs = {k: v for k, v in _read_attrs(f["graph"]).items() if k != GRAPH_COMPLETE}
+                if "hierarchy/tree_dist" in f:
+                    self.tree_dist = f["hierarchy/tree_dist"][()]
+        except BaseException:
+            f.close()
+            raise
+        self._summary: ItemSummary | None = None
+
+    # -- as FeatureSet
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Item indices of one split, in file order."""
+        return np.flatnonzero(self.split == split)
+
+    @property
+    def image_root(self) -> Path:
+        return Path(self.attrs.get("image_root", "."))
+
+    @property
+    def row(self) -> np.ndarray:
+        return self._file["items/row"][()]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.labels)
+
+    def nbytes(self, views: bool = False) -> int:
+        """Bytes of the feature arrays (with `views`, the augmented views too): what holding them costs."""
+        arrays = [self.image_emb, self.text_emb] + ([self.view_emb] if views and self.view_emb is not None else [])
+        return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in arrays))
+
+    # -- reading
+    def _dataset(self, name: str) -> h5py.Dataset:
+        if name not in ITEM_ARRAYS and name != "view_emb":
+            raise ValueError(f"unknown item array {name!r}")
+        ds = getattr(self, name)
+        if ds is None:
+            raise HuseError(f"{self.path} has no augmented views")
+        return ds
+
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) of `name` (image_emb, text_emb or view_emb), in their stored dtype; into
+        `out` (at least stop - start rows) when given, without another copy."""
+        ds = self._dataset(name)
+        stop = min(stop, len(ds))
+        if out is None:
+            return ds[start:stop]
+        if stop > start:
+            ds.read_direct(out, np.s_[start:stop], np.s_[0:stop - start])
+        return out[:stop - start]
+
+    def read_items(self, name: str, items: np.ndarray, max_gap: int = 16, max_rows: int = SCAN_ROWS) -> np.ndarray:
+        """Rows `items` (strictly ascending indices) of `name`, (len(items), ...) in the stored dtype.
+
+        Read as contiguous slices: items less than `max_gap` rows apart share one slice (the rows
+        between are read and dropped), and no slice is longer than `max_rows` rows (memory).
+        """
+        ds = self._dataset(name)
+        items = np.asarray(items, dtype=np.int64)
+        out = np.empty((len(items), *ds.shape[1:]), dtype=ds.dtype)
+        if len(items) > 1 and np.any(np.diff(items) <= 0):
+            raise ValueError("read_items needs strictly ascending item indices")
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(items) > max_gap) + 1, [len(items)]])
+        for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            while s < e:
+                stop = s + int(np.searchsorted(items[s:e], items[s] + max_rows))  # those within max_rows rows
+                lo, hi = int(items[s]), int(items[stop - 1]) + 1
+                out[s:stop] = ds[lo:hi][items[s:stop] - lo]
+                s = stop
+        return out
+
+    def summary(self) -> ItemSummary:
+        """One streaming pass over the items (cached): the digest (`features_digest`'s value of the
+        FeatureSet `read_features` gives: float32 values, whatever the stored dtype), the train split's
+        per-feature mean and unbiased std in float64 (those of the whole array to ~1e-12), the class
+        counts per split and the non-finite values. Memory: one block of SCAN_ROWS rows."""
+        if self._summary is None:
+            h = hashlib.blake2b(digest_size=16)
+            train = self.split == "train"
+            stats, bad = {}, {}
+            for name, ds in (("image", self.image_emb), ("text", self.text_emb)):
+                moments, bad[name] = RunningMoments(ds.shape[1]), 0
+                for start in range(0, len(ds), SCAN_ROWS):
+                    x = ds[start:start + SCAN_ROWS].astype(np.float32, copy=False)  # (b, D) as read_features gives it
+                    h.update(np.ascontiguousarray(x))
+                    finite = np.isfinite(x)
+                    if not finite.all():
+                        bad[name] += int((~finite).sum())
+                    moments.add(x[train[start:start + len(x)]])
+                stats[name] = (moments.mean, moments.std())
+            h.update(np.ascontiguousarray(self.labels))
+            h.update("\n".join(map(str, self.split)).encode())
+            counts = {s: np.bincount(self.labels[self.split == s], minlength=self.num_classes)
+                      for s in sorted(set(self.split.tolist()))}
+            self._summary = ItemSummary(h.hexdigest(), counts, stats, bad)
+        return self._summary
+
+    # -- lifetime
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> FeatureFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_features(path: str | Path) -> FeatureFile:
+    """Open a feature file for reading in blocks (see `FeatureFile`); nothing large is read yet."""
+    return FeatureFile(path)
+
+
+# ---------------------------------------------------------------------------- checking a file
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def check_feature_file(path: str | Path, graph: bool = True) -> None:
+    """Refuse a malformed feature file with one line naming it, before anything large is read:
+    every /items array as long as the labels, 2-d features matching the recorded dimensions, labels
+    in [0, C) for the C class names (distinct), splits among train/val/test, views of the image
+    width pointing at items, and (with `graph`; `huse build-graph` rewrites them) a complete graph
+    and tree of shape (C, C), the graph finite. Reads the labels, the splits and the (C, C) arrays
+    only; the features are never loaded."""
+    path = Path(path)
+
+    def bad(what: str) -> HuseError:
+        return HuseError(f"feature file {path} is malformed: {what}; re-run `huse extract-features`")
+
     with _open(path) as f:
-        items = f["items"]
-        n = len(items["label"])
-        for name in ("image_emb", "text_emb", "label"):
-            for start in range(0, n, block_rows):
-                h.update(np.ascontiguousarray(items[name][start:start + block_rows]).tobytes())
-        h.update("\n".join(items["split"].asstr()[()].tolist()).encode())
-    return h.hexdigest()
+        attrs = _read_attrs(f)
+        for name in ("items", "items/label", "items/image_emb", "items/text_emb", "classes/name"):
+            if name not in f:
+                raise bad(f"/{name} is missing")
+        items, names = f["items"], f["classes/name"]
+        if names.ndim != 1 or len(names) == 0:
+            raise bad("/classes/name holds no class names")
+        n_classes = len(names)
+        if len(set(_strings(names))) != n_classes:
+            raise bad("/classes/name repeats a class")
+        label = items["label"]
+        if label.ndim != 1 or label.dtype.kind not in "iu":
+            raise bad(f"/items/label is {label.dtype} of shape {label.shape}, not one integer per item")
+        n = len(label)
+        for name in items:
+            ds = items[name]
+            if isinstance(ds, h5py.Dataset) and (ds.ndim == 0 or ds.shape[0] != n):
+                raise bad(f"/items/{name} has {ds.shape[0] if ds.ndim else 0} rows for {n} items")
+        for name, key in (("image_emb", "image_dim"), ("text_emb", "text_dim")):
+            ds = items[name]
+            if ds.ndim != 2 or ds.dtype.kind != "f":
+                raise bad(f"/items/{name} is {ds.dtype} of shape {ds.shape}, not (items, dims) floats")
+            if isinstance(attrs.get(key), int) and attrs[key] != ds.shape[1]:
+                raise bad(f"/items/{name} has {ds.shape[1]} dims, the file's {key} says {attrs[key]}")
+        labels = label[()]
+        if n and (labels.min() < 0 or labels.max() >= n_classes):
+            out = int(((labels < 0) | (labels >= n_classes)).sum())
+            raise bad(f"{out} label(s) outside [0, {n_classes}) (values {int(labels.min())}..{int(labels.max())})")
+        if "split" in items:
+            unknown = sorted(set(_read_split(items["split"]).tolist()) - set(SPLIT_NAMES))
+            if unknown:
+                raise bad(f"/items/split holds {', '.join(map(repr, unknown[:3]))}, not train/val/test")
+        if "views" in f:
+            emb, item = f["views"].get("image_emb"), f["views"].get("item")
+            if emb is None or item is None or emb.ndim != 3 or item.ndim != 1 or len(item) != emb.shape[0]:
+                raise bad("/views is incomplete (image_emb (M, K, D) and item (M,) expected)")
+            if emb.shape[2] != items["image_emb"].shape[1]:
+                raise bad(f"/views/image_emb has {emb.shape[2]} dims, the image features {items['image_emb'].shape[1]}")
+            view_item = item[()]
+            if len(view_item) and (view_item.min() < 0 or view_item.max() >= n or np.any(np.diff(view_item) <= 0)):
+                raise bad("/views/item does not point at items in ascending order")
+        if graph and _graph_state(f) == "complete":
+            graph = f["graph/class_dist"]
+            if graph.shape != (n_classes, n_classes):
+                raise bad(f"the semantic graph is {graph.shape}, not ({n_classes}, {n_classes}) for its classes; "
+                          "run `huse build-graph` again")
+            if not np.isfinite(graph[()]).all():
+                raise bad("the semantic graph holds non-finite values; run `huse build-graph` again")
+            tree = f.get("hierarchy/tree_dist")
+            if tree is not None and tree.shape != (n_classes, n_classes):
+                raise bad(f"the class tree is {tree.shape}, not ({n_classes}, {n_classes}); run `huse build-graph` again")
