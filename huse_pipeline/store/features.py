@@ -336,8 +336,29 @@ def write_synthetic_blocks(
 # ---------------------------------------------------------------------------------- reading
 
 
+class _ItemsView:
+    """What FeatureSet (in memory) and FeatureFile (read in blocks) answer alike, from their
+    `class_names`, `split` (N,) and `attrs`."""
+
+    class_names: list[str]
+    split: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Item indices of one split, in file order."""
+        return np.flatnonzero(self.split == split)
+
+    @property
+    def image_root(self) -> Path:
+        return Path(self.attrs.get("image_root", "."))
+
+
 @dataclass
-class FeatureSet:
+class FeatureSet(_ItemsView):
     """Everything stage two and evaluation need from a feature file, in memory."""
 
     path: Path
@@ -357,17 +378,6 @@ class FeatureSet:
     tree_dist: np.ndarray | None = None  # (C, C) int64
     skipped: pd.DataFrame | None = None
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def indices(self, split: str) -> np.ndarray:
-        """Item indices of one split, in file order."""
-        return np.flatnonzero(self.split == split)
-
-    @property
-    def image_root(self) -> Path:
-        return Path(self.attrs.get("image_root", "."))
 
 
 def _graph_state(f: h5py.File) -> str:
@@ -604,7 +614,7 @@ class _StringColumn:
         return self._ds.asstr()[int(i)]
 
 
-class FeatureFile:
+class FeatureFile(_ItemsView):
     """A feature file held open for reading in blocks: the members of a `FeatureSet`, but only the small
     per-item columns in memory (labels: 8 bytes an item; splits: 8; the graph, classes and attributes).
 
@@ -642,17 +652,6 @@ class FeatureFile:
         self._summary: ItemSummary | None = None
 
     # -- as FeatureSet
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def indices(self, split: str) -> np.ndarray:
-        """Item indices of one split, in file order."""
-        return np.flatnonzero(self.split == split)
-
-    @property
-    def image_root(self) -> Path:
-        return Path(self.attrs.get("image_root", "."))
 
     @property
     def row(self) -> np.ndarray:
