@@ -274,7 +274,6 @@ def extract_features_cmd(catalogue, overwrite, threads, worker_index, worker_cou
 
     from huse_pipeline.extract.distributed import Worker
     from huse_pipeline.extract.run import ExtractConfig, extract_features, tune_cpu_allocator
-    from huse_pipeline.utils import resolve_device
 
     worker = Worker.from_env(worker_index, worker_count)
     if worker.world > 1:  # torchrun: every line says its rank, and only rank 0 reports progress
@@ -481,6 +480,157 @@ def eval_cmd(**options) -> None:
     click.echo(format_table(result.metrics))
     click.echo(f"\nwrote {result.out}" + (f"\nreport: {result.extra['report']}" if "report" in result.extra else "")
                + f"\nevaluation took {result.metrics['meta/eval_time_s']:.2f} s (report not included)")
+
+
+# ------------------------------------------------------------------------ using the space
+# (thin layers over huse_pipeline.search; README "Using the space")
+
+RUN_HELP = "Run folder written by `huse train`. Default: the latest run under cache/runs/."
+FEATURES_HELP = "Feature file. Default: the one the run was trained on (its config.json), else cache/feats.h5."
+INDEX_HELP = "Index folder built by `huse index`. Default: <run>/index."
+
+
+@main.command("index")
+@click.option("--run", type=click.Path(file_okay=False), default=None, help=RUN_HELP)
+@click.option("--features", type=click.Path(dir_okay=False), default=None,
+              help=FEATURES_HELP + " Another catalogue's file extracted with the same encoders works too.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Index folder to write. Default: <run>/index.")
+@click.option("--index-kind", type=click.Choice(["auto", "exact", "hnsw", "compressed"]), default="auto",
+              help="auto: exact up to --exact-max-items, HNSW above, compressed (IVF-PQ + exact re-ranking) when "
+                   "the vectors exceed --max-memory.")
+@click.option("--max-memory", default="auto",
+              help="Memory budget of both indexes, e.g. 8G or 512M; auto = half the RAM; none = no limit.")
+@click.option("--exact-max-items", type=click.IntRange(min=0), default=100_000, help="Largest catalogue indexed exactly by auto.")
+@click.option("--recall-target", type=click.FloatRange(0, 1), default=0.95,
+              help="recall@10 against exact search that efSearch / nprobe are tuned to reach.")
+@click.option("--recall-queries", type=click.IntRange(min=0), default=1000,
+              help="Queries per modality: half tune the search parameter, half measure recall@10 (held out).")
+@click.option("--block-rows", type=click.IntRange(min=1), default=16384, help="Items embedded at a time (memory bound).")
+@click.option("--device", type=DEVICES, default="auto", help="Where the towers run (the indexes are FAISS on CPU).")
+def index_cmd(**options) -> None:
+    """Embed every catalogue item's image and text into the universal space and build a FAISS index per modality."""
+    from huse_pipeline.search.index import IndexConfig, build_index
+
+    meta = build_index(IndexConfig(**options), progress=True)
+    lines = [f"index: {meta['out']} ({meta['n']} items, D = {meta['dim']}; {meta['rule']['why']})"]
+    for m, info in meta["modalities"].items():
+        lines.append(f"  {m}: {info['kind']} {json.dumps(info['params'])}, recall@10 {info['recall@10']} "
+                     f"on {info['recall_queries']} held-out queries")
+    lines.append(f"  fusion weight {meta['fusion_weight']} ({meta['fusion_weight_source']}); took {meta['build_s']} s")
+    click.echo("\n".join(lines))
+
+
+@main.command("search")
+@click.argument("text", required=False)
+@click.option("--image", "image", type=click.Path(dir_okay=False), default=None, help="Query with this image file instead.")
+@click.option("--item", "item", type=int, default=None,
+              help="More like this: query with this item (its id, the catalogue's 0-based row), itself left out.")
+@click.option("--run", type=click.Path(file_okay=False), default=None, help=RUN_HELP)
+@click.option("--features", type=click.Path(dir_okay=False), default=None, help=FEATURES_HELP)
+@click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None, help=INDEX_HELP)
+@click.option("--target", type=click.Choice(["image", "text"]), default="image", help="Which items' embeddings to search.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, help="Results to return.")
+@click.option("--category", default=None, help="Only items whose class path starts with this prefix (whole levels), e.g. 'apparel<topwear'.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=1,
+              help="CPU threads of the encoders and FAISS: one query is fastest on one (BENCHMARKS.md).")
+@click.option("--device", type=DEVICES, default="auto")
+def search_cmd(text, image, item, run, features, index_dir, target, k, category, as_json, threads, device) -> None:
+    """Search the universal space: `huse search "red cotton t-shirt"`, `--image photo.jpg` or `--item ID`."""
+    given = [name for name, v in (("TEXT", text), ("--image", image), ("--item", item)) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one query: TEXT, --image FILE or --item ID" +
+                               (f" (got {', '.join(given)})" if given else ""))
+    if image is not None and not Path(image).is_file():
+        raise click.BadParameter(f"{image} is not a file", param_hint="--image")
+    import faiss
+    import torch
+
+    from huse_pipeline.search.space import Space
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)  # torch and faiss may each load an OpenMP runtime
+
+    space = Space.load(run, features, index=index_dir or True, device=device)
+    if text is not None:
+        hits, query = space.search_text(text, k, target, category), {"text": text}
+    elif image is not None:
+        hits, query = space.search_image(image, k, target, category), {"image": str(image)}
+    else:
+        hits, query = space.search_item(item, k, target, category), {"item": item}
+    if as_json:
+        click.echo(json.dumps({"query": {**query, "target": target, "k": k, "category": category},
+                               "run": str(space.run_dir or space.checkpoint), "index": str(space.index.folder),
+                               "results": [h.to_dict() for h in hits]}, indent=2))
+        return
+    what = next(iter(query.values()))
+    click.echo(f"{target}s for {what!r}" + (f" in {category}" if category else "") + f" ({space.index.n} items):")
+    for h in hits:
+        click.echo(f"{h.rank:>3}  {h.score:.4f}  id {h.id:<7} {h.class_path}  {h.title}\n{'':>13}{h.image_path}")
+    if not hits:
+        click.echo("  (no items)")
+
+
+@main.command("predict")
+@click.option("--catalogue", type=click.Path(dir_okay=False), required=True,
+              help="CSV with columns image,text (label and split optional), as for extract-features.")
+@click.option("--out", type=click.Path(dir_okay=False), default="predictions.csv", help="CSV to write.")
+@click.option("--image-root", type=click.Path(file_okay=False), default=None, help="Folder image paths are relative to. Default: the CSV's folder.")
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read images whose path leads out of --image-root (absolute, `..`, symlinks); refused by default, as in stage one.")
+@click.option("--label-sep", default="<", help="Separator of the levels in a class path.")
+@click.option("--run", type=click.Path(file_okay=False), default=None, help=RUN_HELP)
+@click.option("--features", type=click.Path(dir_okay=False), default=None,
+              help=FEATURES_HELP + " Its recorded preprocessing and encoders are used.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=3, help="Class paths per source (image, text, fused).")
+@click.option("--fusion-weight", type=click.FloatRange(0, 1), default=None,
+              help="Image weight w of the fused prediction. Default: the one `huse eval` tuned on val, else tuned on val now.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Rows featurized at a time.")
+@click.option("--device", type=DEVICES, default="auto")
+def predict_cmd(**options) -> None:
+    """Top-k class paths with probabilities (image, text, fused) for every row of a catalogue CSV."""
+    from huse_pipeline.search.predict import PredictConfig, predict_catalogue
+
+    _echo_summary(f"wrote {options['out']}", predict_catalogue(PredictConfig(**options), progress=True))
+
+
+@main.command("audit")
+@click.option("--run", type=click.Path(file_okay=False), default=None, help=RUN_HELP)
+@click.option("--features", type=click.Path(dir_okay=False), default=None, help=FEATURES_HELP)
+@click.option("--index", type=click.Path(file_okay=False), default=None, help=INDEX_HELP)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Suspect-label CSV. Default: <run>/audit/audit.csv; the duplicates go to <stem>_duplicates.csv beside it.")
+@click.option("--html", type=click.Path(dir_okay=False), default=None, help="HTML page with thumbnails. Default: audit.html beside --out.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.5,
+              help="Fused probability of the predicted class for a disagreement to count.")
+@click.option("--folds", type=click.IntRange(min=0), default=5,
+              help="Train items are predicted by this many models trained like the run without them (cross-fitting: "
+                   "the run itself has fitted their labels, wrong ones too); 0: the run's model for every item (fast).")
+@click.option("--top", type=click.IntRange(min=0), default=0, help="Suspect rows written to the CSV (0: all).")
+@click.option("--duplicate-threshold", type=click.FloatRange(-1, 1), default=0.95,
+              help="Cosine of the centred frozen image or text features above which two items are near-duplicates.")
+@click.option("--device", type=DEVICES, default="auto")
+def audit_cmd(**options) -> None:
+    """Catalogue clean-up: items whose label disagrees with a confident fused prediction (ranked), and
+    near-duplicates filed under different labels; CSV files and an HTML page."""
+    from huse_pipeline.search.audit import AuditConfig, run_audit
+
+    _echo_summary("audit written", run_audit(AuditConfig(**options), progress=True))
+
+
+@main.command("export")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), default="npy",
+              help="npy: ids.npy, image_emb.npy, text_emb.npy, items.csv; parquet: embeddings.parquet (needs pyarrow).")
+@click.option("--run", type=click.Path(file_okay=False), default=None, help=RUN_HELP)
+@click.option("--features", type=click.Path(dir_okay=False), default=None, help=FEATURES_HELP)
+@click.option("--index", "index_dir", type=click.Path(file_okay=False), default=None, help=INDEX_HELP)
+def export_cmd(out, fmt, run, features, index_dir) -> None:
+    """Export the universal embeddings and item ids of a run's index for other serving stacks."""
+    from huse_pipeline.search.index import export_run
+
+    for path in export_run(out, fmt, run, features, index_dir):
+        click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

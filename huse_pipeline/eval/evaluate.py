@@ -613,7 +613,7 @@ def _evaluate_file(cfg: EvalConfig, ckpt: dict[str, Any], ckpt_path: Path, run_d
         result, report_out = scanned_metrics(fs, items, query_pos, model, weight, tree_t, fs.class_dist, tree, cfg,
                                              device, precision, resident=out, baseline_models=base_models,
                                              baseline_weight=base_weight, raw_baseline=cfg.baselines)
-        report_out = out if out is not None else report_out
+        # the report draws from the queries' outputs (a sample: its examples cost O(sample^2), not O(N^2))
     result.update({
         "meta/split": cfg.split,
         "meta/n_items": int(len(items)),

@@ -338,6 +338,10 @@ def test_max_queries_samples_by_class_and_records_the_sample(fixture_paths, monk
     assert full["meta/n_queries"] == 30 and full["meta/max_queries"] == 30
     # classification uses every item of the split, sampled or not
     assert all(m[k] == full[k] for k in ("acc/image", "acc/text", "acc/fused", "macro_acc/text", "modality_gap"))
+    # the report then draws from the queries, whichever the mode
+    res = run_evaluation(_cfg(fixture_paths, out=str(root / "q4.json"), max_queries=12, data="resident"))
+    test_items = features.read_features(fixture_paths["features"]).indices("test")
+    assert len(res.outputs.items) == 12 and set(res.outputs.items.tolist()) <= set(test_items.tolist())
 
 
 def test_map_at_r_is_bounded_by_the_cap(fixture_paths):
