@@ -633,5 +633,28 @@ def export_cmd(out, fmt, run, features, index_dir) -> None:
         click.echo(f"wrote {path}")
 
 
+@main.command("serve")
+@click.option("--run", type=click.Path(file_okay=False), default=None, help=RUN_HELP)
+@click.option("--features", type=click.Path(dir_okay=False), default=None, help=FEATURES_HELP)
+@click.option("--index", type=click.Path(file_okay=False), default=None, help=INDEX_HELP)
+@click.option("--host", default="127.0.0.1",
+              help="Address to listen on. The default is loopback only; 0.0.0.0 lets other machines in (no authentication).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, help="Port to listen on (0: any free port, logged).")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              help="Largest query image accepted; larger uploads get 413.")
+@click.option("--threads", type=click.IntRange(min=1), default=1,
+              help="CPU threads of the encoders and FAISS: one query is fastest on one (BENCHMARKS.md).")
+@click.option("--access-log", is_flag=True, help="Log every request.")
+@click.option("--device", type=DEVICES, default="auto")
+def serve_cmd(**options) -> None:
+    """A local product-search page and JSON API over the universal space (needs `huse index` first)."""
+    from huse_pipeline.serve.server import SERVE_EXTRA_HINT, ServeConfig, missing_packages, serve
+
+    missing = missing_packages()  # before torch is imported: one line, not a traceback
+    if missing:
+        raise click.ClickException(f"{SERVE_EXTRA_HINT} (missing: {', '.join(missing)})")
+    serve(ServeConfig(**options))
+
+
 if __name__ == "__main__":
     main()
