@@ -417,14 +417,14 @@ def test_item4_a_thumbnail_that_cannot_be_made_is_a_placeholder(tmp_path, monkey
     from huse_pipeline.eval import report
 
     _bomb(tmp_path / "bomb.png")
-    uri, reason = report._thumbnail(tmp_path / "bomb.png")
+    uri, reason = report.thumbnail_uri(tmp_path / "bomb.png")
     assert uri is None and reason.startswith("image too large")
 
     def bomb_error(*a, **kw):
         raise Image.DecompressionBombError("decompression bomb")
 
     monkeypatch.setattr(report, "load_rgb", bomb_error)
-    assert report._thumbnail(tmp_path / "bomb.png") == (None, "cannot make a thumbnail (DecompressionBombError)")
+    assert report.thumbnail_uri(tmp_path / "bomb.png") == (None, "cannot make a thumbnail (DecompressionBombError)")
 
 
 # ---------------------------------------------------------------- item 6: malformed files

@@ -121,7 +121,7 @@ def _img(uri: str, alt: str, width: int | None = None) -> str:
     return f'<img class="fig" src="{uri}" alt="{_esc(alt)}"{style}>'
 
 
-def _thumbnail(path: Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
+def thumbnail_uri(path: Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str | None, str]:
     """(a JPEG data URI of the image at `path`, at most THUMB_PX square, "") or (None, why not).
 
     Decoded by stage one's `load_rgb`, so the report shows what the encoder saw: EXIF rotation
@@ -147,7 +147,7 @@ def _thumbnail(path: Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), ""
 
 
-def _thumb_html(thumb: tuple[str | None, str], caption: str, cls: str = "") -> str:
+def thumb_html(thumb: tuple[str | None, str], caption: str, cls: str = "") -> str:
     """A thumbnail with its caption, or a placeholder saying why there is no picture."""
     uri, reason = thumb
     if uri:
@@ -298,7 +298,7 @@ def examples_section(result: EvalResult, fs: FeatureSet, seed: int) -> str:
     def thumb(item: int) -> tuple[str | None, str]:
         if item not in cache:
             path, refused = resolve_image(root, fs.image_path[item], allow_outside_root)
-            cache[item] = (None, refused) if path is None else _thumbnail(Path(path), max_pixels)
+            cache[item] = (None, refused) if path is None else thumbnail_uri(Path(path), max_pixels)
         return cache[item]
 
     rng = np.random.default_rng(seed)
@@ -318,7 +318,7 @@ def examples_section(result: EvalResult, fs: FeatureSet, seed: int) -> str:
             mark = '<span class="ok">✓</span>' if ok else '<span class="bad">✗</span>'
             own = ' <span class="tag">its own text</span>' if j == q else ""
             li.append(f"<li>{mark} {_esc(fs.text[items[j]])} <span class=\"tag\">{_esc(leaf[labels[j]])}</span>{own}</li>")
-        query = _thumb_html(thumb(items[q]), _esc(leaf[labels[q]])) + top1_tag(labels[i2t[q, 0]] == labels[q])
+        query = thumb_html(thumb(items[q]), _esc(leaf[labels[q]])) + top1_tag(labels[i2t[q, 0]] == labels[q])
         blocks.append(f'<div class="example"><div class="query">{query}</div>'
                       f'<div class="results"><ol>{"".join(li)}</ol></div></div>')
     parts.append('<h3>Image query → top-5 texts</h3><div class="examples">' + "".join(blocks) + "</div>")
@@ -329,7 +329,7 @@ def examples_section(result: EvalResult, fs: FeatureSet, seed: int) -> str:
         for j in t2i[q]:
             ok = labels[j] == labels[q]
             cap = ("✓ " if ok else "✗ ") + _esc(leaf[labels[j]]) + (" · its own image" if j == q else "")
-            thumbs.append(_thumb_html(thumb(items[j]), cap, "hit" if ok else "miss"))
+            thumbs.append(thumb_html(thumb(items[j]), cap, "hit" if ok else "miss"))
         blocks.append(f'<div class="example"><div class="query"><b>{_esc(fs.text[items[q]])}</b><br>'
                       f'<span class="tag">{_esc(leaf[labels[q]])}</span>{top1_tag(labels[t2i[q, 0]] == labels[q])}</div>'
                       f'<div class="results"><div class="thumbs">{"".join(thumbs)}</div></div></div>')

@@ -309,10 +309,10 @@ def duplicate_groups(space: Space, threshold: float = 0.95, k: int = 10, block_r
 
 
 def _thumb(space: Space, image_path: str) -> str:
-    from huse_pipeline.eval.report import _thumb_html, _thumbnail
+    from huse_pipeline.eval.report import thumb_html, thumbnail_uri
 
     root = Path(space._index().meta.get("image_root", "."))
-    return _thumb_html(_thumbnail(root / image_path), "")
+    return thumb_html(thumbnail_uri(root / image_path), "")
 
 
 def audit_section(space: Space, suspects: pd.DataFrame, groups: pd.DataFrame, n_rows: int = 60) -> str:

@@ -16,7 +16,7 @@ from matplotlib.legend import Legend
 from PIL import Image
 from test_evaluate import build_eval_fixture, fake_fit
 
-from huse_pipeline.eval.report import CSS, THUMB_PX, _path, _thumb_html, _thumbnail, _top_level, _top_level_of_predictions
+from huse_pipeline.eval.report import CSS, THUMB_PX, _path, thumb_html, thumbnail_uri, _top_level, _top_level_of_predictions
 from huse_pipeline.train.curves import N_EPOCH_TICKS, training_curves
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def _exif_rotated(path: Path, size=(200, 100)) -> None:
 
 def test_thumbnail_applies_the_exif_rotation(tmp_path):
     _exif_rotated(tmp_path / "rotated.jpg")
-    uri, reason = _thumbnail(tmp_path / "rotated.jpg")
+    uri, reason = thumbnail_uri(tmp_path / "rotated.jpg")
     assert reason == ""
     thumb = _decode(uri)
     assert thumb.size == (THUMB_PX // 2, THUMB_PX)  # tall, not the stored 2:1 landscape
@@ -129,8 +129,8 @@ def test_thumbnail_converts_like_stage_one(tmp_path):
     """16-bit greyscale scaled (not clipped to white) and alpha composited on white (not black)."""
     Image.fromarray(np.full((40, 40), 128 * 257, dtype=np.uint16)).save(tmp_path / "grey16.png")
     Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(tmp_path / "clear.png")
-    grey = _decode(_thumbnail(tmp_path / "grey16.png")[0]).getpixel((20, 20))
-    clear = _decode(_thumbnail(tmp_path / "clear.png")[0]).getpixel((20, 20))
+    grey = _decode(thumbnail_uri(tmp_path / "grey16.png")[0]).getpixel((20, 20))
+    clear = _decode(thumbnail_uri(tmp_path / "clear.png")[0]).getpixel((20, 20))
     assert all(abs(v - 128) <= 3 for v in grey), grey
     assert all(v >= 250 for v in clear), clear
 
@@ -138,15 +138,15 @@ def test_thumbnail_converts_like_stage_one(tmp_path):
 def test_thumbnail_placeholder_says_why(tmp_path):
     (tmp_path / "garbage.jpg").write_bytes(b"this is not an image at all")
     Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
-    assert _thumbnail(tmp_path / "nope.jpg") == (None, "missing file")
-    assert _thumbnail(tmp_path / "garbage.jpg") == (None, "not an image")
-    uri, reason = _thumbnail(tmp_path / "big.png", max_pixels=10_000)
+    assert thumbnail_uri(tmp_path / "nope.jpg") == (None, "missing file")
+    assert thumbnail_uri(tmp_path / "garbage.jpg") == (None, "not an image")
+    uri, reason = thumbnail_uri(tmp_path / "big.png", max_pixels=10_000)
     assert uri is None and reason.startswith("image too large")
-    assert '<div class="ph" title="missing file">image not found</div>' in _thumb_html((None, "missing file"), "x")
-    assert '>not an image</div>' in _thumb_html((None, "not an image"), "x")
+    assert '<div class="ph" title="missing file">image not found</div>' in thumb_html((None, "missing file"), "x")
+    assert '>not an image</div>' in thumb_html((None, "not an image"), "x")
     assert re.search(r'<div class="ph" title="image too large \(200 x 100 &gt; 10000 pixels\)">image too large</div>',
-                     _thumb_html((None, reason), "x"))
-    assert '<img src="data:' in _thumb_html(_thumbnail(tmp_path / "big.png"), "x")
+                     thumb_html((None, reason), "x"))
+    assert '<img src="data:' in thumb_html(thumbnail_uri(tmp_path / "big.png"), "x")
 
 
 def test_report_thumbnails_go_through_the_image_loader(tmp_path):
