@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -222,7 +223,14 @@ def test_hierarchical_precision_and_severity_by_hand_depth3():
     assert metrics.mean_or_none(torch.tensor([float("nan")])) is None
 
 
-def test_recall_and_map_agree_with_pytorch_metric_learning():
+def test_recall_and_map_agree_with_pytorch_metric_learning(monkeypatch):
+    # pytorch-metric-learning imports faiss.contrib.torch_utils, which patches every faiss index class of
+    # the process to take torch tensors, and our FAISS indexes then fail in every later test: keep it out
+    # (this comparison uses pml's torch k-NN, not faiss)
+    import types
+
+    if "faiss.contrib.torch_utils" not in sys.modules:
+        monkeypatch.setitem(sys.modules, "faiss.contrib.torch_utils", types.ModuleType("faiss.contrib.torch_utils"))
     from pytorch_metric_learning.distances import CosineSimilarity
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import CustomKNN

@@ -113,12 +113,20 @@ def copy_demo(dest: Path) -> Path:
 def stub_demo(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("search_demo")
     catalogue = copy_demo(root / "demo")
+    feats, run = stub_pipeline(root, catalogue, evaluate=True)
+    return {"root": root, "catalogue": catalogue, "features": feats, "run": run, "index": run / "index"}
+
+
+def stub_pipeline(root: Path, catalogue: Path, evaluate: bool = False) -> tuple[Path, Path]:
+    """Stage one with stub encoders, the graph, 8 epochs of training, (eval,) and the index, in `root`:
+    (feature file, run folder)."""
     feats, run = root / "feats.h5", root / "runs" / "demo"
     with one_thread():
         invoke("extract-features", "--catalogue", str(catalogue), "--out", str(feats), "--image-encoder", "stub",
                "--text-encoder", "stub", "--num-workers", "0", "--device", "cpu")
         invoke("build-graph", "--features", str(feats), "--device", "cpu")
         invoke("train", "--features", str(feats), "--out", str(run), "--epochs", "8", "--device", "cpu")
-        invoke("eval", "--run", str(run), "--device", "cpu")
+        if evaluate:
+            invoke("eval", "--run", str(run), "--device", "cpu")
         invoke("index", "--run", str(run), "--device", "cpu")
-    return {"root": root, "catalogue": catalogue, "features": feats, "run": run, "index": run / "index"}
+    return feats, run

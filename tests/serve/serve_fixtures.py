@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "search"))  # the search tests' helpers
 
-from search_fixtures import copy_demo, invoke, one_thread
+from search_fixtures import copy_demo, stub_pipeline
 
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> Tom & "Jerry" <b>Mug</b>'
 LONG_WORD = "Super" + "califragilistic" * 4 + "Mug"
@@ -42,13 +42,7 @@ def serve_demo(tmp_path_factory) -> dict:
     frame = pd.read_csv(catalogue, dtype=str, keep_default_na=False)
     rows = hostile_titles(frame)
     frame.to_csv(catalogue, index=False)
-    feats, run = root / "feats.h5", root / "runs" / "demo"
-    with one_thread():
-        invoke("extract-features", "--catalogue", str(catalogue), "--out", str(feats), "--image-encoder", "stub",
-               "--text-encoder", "stub", "--num-workers", "0", "--device", "cpu")
-        invoke("build-graph", "--features", str(feats), "--device", "cpu")
-        invoke("train", "--features", str(feats), "--out", str(run), "--epochs", "8", "--device", "cpu")
-        invoke("index", "--run", str(run), "--device", "cpu")
+    feats, run = stub_pipeline(root, catalogue)
     return {"root": root, "catalogue": catalogue, "frame": frame, "rows": rows, "features": feats, "run": run}
 
 
