@@ -458,6 +458,9 @@ def train_cmd(ctx: click.Context, features: str, out: str | None, resume: bool, 
 @click.option("--baselines", is_flag=True,
               help="Also train the paper's separate-model baselines (one per modality, the run's settings) and "
                    "score retrieval with the raw frozen features.")
+@click.option("--attributes", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Attributes CSV (columns image, as in the catalogue, and baseColour): adds attr/*, the share of the "
+                   "top 10 images matching both colour and class for text queries '<colour> <class>'.")
 @click.option("--report", type=click.Path(file_okay=False), default=None,
               help="Write a self-contained HTML report, DIR/index.html.")
 @click.option("--report-map", type=click.Choice(["tsne", "pca"]), default="tsne", help="2-D map of the universal space in the report.")

@@ -154,6 +154,8 @@ def main() -> None:
                         help="evaluate reused runs again (after a change to `huse eval`); their training is kept")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="the columns to run (default: all; huse is always run, for the baselines)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="evaluate the huse runs without --baselines (no separate-model and raw-feature columns)")
     parser.add_argument("--features", default=None,
                         help="use this feature file of the catalogue (copied into the work folder, unless it is "
                              "there already) instead of running extract-features")
@@ -194,7 +196,7 @@ def main() -> None:
                 print(f"{run_dir}: unfinished or trained with other settings than today's defaults; "
                       f"moved to {kept.name} and trained again", flush=True)
                 run_dir.rename(kept)
-            extra = ["--baselines"] if variant == "huse" else []
+            extra = ["--baselines"] if variant == "huse" and not args.no_baselines else []
             eval_stage = "eval --baselines (huse)" if extra else "eval"
             evaluate = ["eval", "--run", str(run_dir), "--features", feats, "--out", str(out), *extra, *scoring, *device]
             if not out.exists() or args.re_eval:
@@ -225,7 +227,8 @@ def main() -> None:
         f"Command: `python bench/bench_quality.py --catalogue {args.catalogue}"
         + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")
         + (f" --variants {' '.join(args.variants)}" if set(args.variants) != set(VARIANTS) else "")
-        + (f" --features {args.features}" if args.features else "") + "`",
+        + (f" --features {args.features}" if args.features else "")
+        + (" --no-baselines" if args.no_baselines else "") + "`",
         "",
         f"Machine: {machine()}.",
         "",
