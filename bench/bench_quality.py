@@ -118,7 +118,8 @@ def fmt(values: list[float | None]) -> str:
 
 def table(results: dict[str, list[dict]], seeds: list[int]) -> list[str]:
     variants = list(results)
-    cols = variants + ["separate models", "raw features"]
+    baselines = any("baseline/acc/image" in r for r in results["huse"])
+    cols = variants + (["separate models", "raw features"] if baselines else [])
     lines = ["| metric | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for key in ROWS:
         if not any(r.get(key) is not None for v in variants for r in results[v]):
@@ -126,8 +127,9 @@ def table(results: dict[str, list[dict]], seeds: list[int]) -> list[str]:
         cells = [fmt([r.get(key) for r in results[v]]) for v in variants]
         sep = f"baseline/{key}" if key in ("acc/image", "acc/text", "acc/fused", "fusion_weight") else None
         raw = f"baseline/{key}" if key.split("/")[0] in ("img2img", "txt2txt") else None
-        cells.append(fmt([r.get(sep) for r in results["huse"]]) if sep else "")
-        cells.append(fmt([r.get(raw) for r in results["huse"]]) if raw else "")
+        if baselines:
+            cells.append(fmt([r.get(sep) for r in results["huse"]]) if sep else "")
+            cells.append(fmt([r.get(raw) for r in results["huse"]]) if raw else "")
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
     return lines
 
