@@ -102,11 +102,14 @@ def metric_tables(m: dict[str, Any]) -> list[MetricTable]:
         "The only hit is the query's own paired item; medr is its median rank (1 = best)."))
     if "attr/n_queries" in m:
         tables.append(MetricTable(
-            "attribute search", "Colour-and-class text queries", ("both", "class", "colour", "queries"), (3, 3, 3, 0),
-            (MetricRow("top-10 matching", ("attr/colour_class@10", "attr/class@10", "attr/colour@10", "attr/n_queries")),),
-            "", "One text query \"<colour> <class>\" per (colour, class) pair with at least 3 items in the split, "
-            "through the text tower, against the split's images: the mean share of its top 10 images of that colour "
-            "and class (both), of the class, of the colour.", one_line=True))
+            "attribute search (top 10)", "Colour-and-class text queries", ("value",), (3,),
+            (MetricRow("colour and class", ("attr/colour_class@10",), meaning="share of the top 10 images of the "
+                       "query's colour and class"),
+             MetricRow("class", ("attr/class@10",), meaning="share of the query's class"),
+             MetricRow("colour", ("attr/colour@10",), meaning="share of the query's colour"),
+             MetricRow("queries", ("attr/n_queries",), meaning="(colour, class) pairs with at least 3 items")),
+            "metric", "One text query \"<colour> <class>\" per (colour, class) pair with at least 3 items in the "
+            "split, through the text tower, against the split's images (--attributes).", one_line=True))
     tables.append(MetricTable(
         "universal space", "The universal space", ("value",), (3,),
         (MetricRow("graph_fidelity", ("graph_fidelity",), meaning="Spearman correlation of class-centroid distances "
