@@ -37,7 +37,7 @@ def training_curves(history: list[dict[str, Any]], mark_epoch: int | None = None
     fig = Figure(figsize=(16, 7.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     *axes, key_ax, spare = fig.subplots(2, 4).ravel()  # len(LOSS_PARTS) loss panels, then the accuracies
-    spare.axis("off")
+    spare.remove()
     for ax, (part, title) in zip(axes, LOSS_PARTS):
         for split, style in (("train", "-"), ("val", "--")):
             pts = [(row["epoch"], row[f"{split}/{part}"]) for row in history if f"{split}/{part}" in row]
