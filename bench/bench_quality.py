@@ -55,6 +55,11 @@ VARIANTS: dict[str, dict[str, float | str]] = {"huse": {}, "delta=0": {"delta": 
                                                "beta=0": {"beta": 0.0}, "gamma=0": {"gamma": 0.0},
                                                "class-only": {"beta": 0.0, "gamma": 0.0},
                                                "or-beta=0.3": {"margin_rule": "or", "beta": 0.3}}
+COLUMN_NOTES = {"huse": "the full model with the defaults (`huse`)",
+                "delta=0": "`delta=0`: without the instance-level term (the paper's loss)",
+                "beta=0": "`beta=0`: no graph loss", "gamma=0": "`gamma=0`: no gap loss",
+                "class-only": "`class-only`: classification loss only",
+                "or-beta=0.3": "the OR rule at beta 0.3 (an option, not the default)"}
 BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
 # Rows of the table, in order; baseline columns read the baseline/ keys of the huse run's eval.
 TASKS = ("img2img", "img2txt", "txt2img", "txt2txt")
@@ -240,11 +245,10 @@ def main() -> None:
                                                         "graph_pairs", "delta", "instance_loss", "temperature",
                                                         "input_norm", "image_input_dropout")) + ".",
         "",
-        "Columns: the full model (`huse`), its ablations (`delta=0`: without the instance-level term, the "
-        "paper's loss), the OR rule at beta 0.3 (an option, not the default), "
-        "the paper's separate models (`eval --baselines`: "
-        "one tower and classifier per modality, classification loss only) and in-modal retrieval with the "
-        "raw frozen features. Severity and medr: lower is better.",
+        "Columns: " + ", ".join(COLUMN_NOTES[v] for v in variants)
+        + ("" if args.no_baselines else ", the paper's separate models (`eval --baselines`: one tower and classifier "
+           "per modality, classification loss only) and in-modal retrieval with the raw frozen features")
+        + ". Severity and medr: lower is better.",
         "",
         *table(results, args.seeds),
         "",
