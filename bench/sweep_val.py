@@ -28,7 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from huse_pipeline.eval.outputs import EvalConfig  # noqa: E402
 from huse_pipeline.eval.evaluate import (  # noqa: E402
+    attribute_metrics,
+    attribute_queries,
     all_retrieval_metrics,
     classification_metrics,
     split_outputs,
@@ -41,11 +44,14 @@ from huse_pipeline.train.loop import fit  # noqa: E402
 
 COLUMNS = ["acc/image", "acc/text", "acc/fused", "img2img/R@1", "img2txt/R@1", "txt2img/R@1", "txt2txt/R@1",
            "img2txt/HP@10", "txt2img/HP@10", "img2img/severity", "img2txt/severity", "txt2img/severity",
-           "graph_fidelity", "tree_fidelity", "modality_gap"]
+           "graph_fidelity", "tree_fidelity", "modality_gap",
+           "img2txt/inst_R@1", "img2txt/inst_R@10", "img2txt/medr", "txt2img/inst_R@1", "txt2img/inst_R@10",
+           "txt2img/medr", "attr/colour_class@10", "attr/class@10"]
 
 
-def score_on_val(model, fs: features.FeatureSet, device: torch.device) -> dict[str, float | None]:
-    """`huse eval`'s metrics of `model` on the val split (fusion weight tuned on val)."""
+def score_on_val(model, fs: features.FeatureSet, device: torch.device, queries=None) -> dict[str, float | None]:
+    """`huse eval`'s metrics of `model` on the val split (fusion weight tuned on val); with
+    `queries` (evaluate.attribute_queries of the val items) also the attr/* search measure."""
     val = fs.indices("val")
     out = split_outputs(model, model, fs, val, device, 4096)
     weight = metrics.tune_fusion_weight(out.image_prob, out.text_prob, out.labels, 0.05)
@@ -53,6 +59,8 @@ def score_on_val(model, fs: features.FeatureSet, device: torch.device) -> dict[s
     tree = torch.as_tensor(fs.tree_dist, device=device)
     result.update(all_retrieval_metrics(out, tree, fs.num_classes, 1024, 16384))
     result.update(universal_space_metrics(out, fs.num_classes, fs.class_dist, fs.tree_dist))
+    if queries is not None:
+        result.update(attribute_metrics(model, queries, out, EvalConfig()))
     return result
 
 
@@ -101,6 +109,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log", default=None, help="append every run's metrics here (JSON lines)")
+    parser.add_argument("--attributes", default=None,
+                        help="attributes CSV (image, baseColour): also score the colour + class text queries on val")
+    parser.add_argument("--runs", default=None,
+                        help="also write each run's folder (as `huse train --out`) under this folder, named by "
+                             "configuration and seed, so a chosen run can later be evaluated with `huse eval`")
     parser.add_argument("--summarise", nargs="+", metavar="LOG",
                         help="only join the runs in these --log files into rows (no training)")
     args = parser.parse_args()
@@ -116,6 +129,7 @@ def main() -> None:
     if fs.class_dist is None:
         sys.exit(f"{args.features} has no graph: run `huse build-graph --features {args.features}`")
     device = torch.device(args.device)
+    queries = attribute_queries(fs, fs.indices("val"), args.attributes, device=device) if args.attributes else None
     print(f"features {args.features}: {fs.attrs.get('image_encoder')} + {fs.attrs.get('text_encoder')}, "
           f"views {fs.attrs.get('augment_views', 0)}, val items {len(fs.indices('val'))}; seeds {args.seeds}")
     print("| options | " + " | ".join(COLUMNS) + " | s/run |")
@@ -126,8 +140,12 @@ def main() -> None:
         for seed in args.seeds:
             run_start = time.perf_counter()
             cfg = make_config(**{**options, "seed": seed, "device": args.device})
-            model, history = fit(fs, cfg)
-            scores = score_on_val(model, fs, device)
+            run_dir = None
+            if args.runs:
+                name = "-".join(f"{k}{v}" for k, v in sorted(options.items())) or "defaults"
+                run_dir = Path(args.runs) / f"{name}-seed{seed}"
+            model, history = fit(fs, cfg, run_dir)
+            scores = score_on_val(model, fs, device, queries)
             runs.append(scores)
             if args.log:
                 with open(args.log, "a") as fh:

@@ -3,7 +3,8 @@
 Classification (per modality and fused, the fusion weight tuned on the validation split), class-
 and instance-level retrieval for the four tasks, hierarchical precision, mistake severity and the
 fidelity of the universal space; optionally the paper's "separate models" and raw-feature
-baselines (§4.4) and an HTML report. Writes one flat JSON; returns the same dict.
+baselines (§4.4), an attribute-aware search measure for catalogues with a colour attribute
+(`--attributes`) and an HTML report. Writes one flat JSON; returns the same dict.
 
 Scale: the feature file is read in blocks, never whole. `--data resident` holds the split's model
 outputs (about 4.6 kB an item) and retrieves from them; `--data stream` holds only the queries and
@@ -20,16 +21,19 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from huse_pipeline.data.hierarchy import Hierarchy, hierarchical_sets
+from huse_pipeline.data.text import prepare_texts
+from huse_pipeline.encoders.text import TextEncoder, load_text_encoder
 from huse_pipeline.errors import HuseError
 from huse_pipeline.measures import metrics
 from huse_pipeline.measures.keys import IN_MODAL_TASKS, TASKS
@@ -235,6 +239,118 @@ def tune_or_default(val: SplitOutputs | None, step: float) -> tuple[float, str]:
     return metrics.tune_fusion_weight(val.image_prob, val.text_prob, val.labels, step), "tuned on val"
 
 
+# ------------------------------------------------------------------------ attribute-aware search
+
+COLOUR_COLUMN = "baseColour"  # the attributes CSV's colour column, joined on its `image` column
+ATTRIBUTE_K = 10
+ATTRIBUTE_MIN_ITEMS = 3  # a (colour, class) pair becomes a query when the split holds this many such items
+
+
+@dataclass(frozen=True)
+class AttributeQueries:
+    """Text queries "<colour> <class leaf>" for the (colour, class) pairs of one split."""
+
+    text: list[str]  # (Q,)
+    features: np.ndarray  # (Q, Dt) float32 frozen text features of `text` (the feature file's text encoder)
+    colour: np.ndarray  # (Q,) int64 colour id the query names
+    label: np.ndarray  # (Q,) int64 class the query names
+    item_colour: np.ndarray  # (N,) int64 colour id of each item of the split, -1 where unknown
+    colours: list[str]  # colour id -> name
+
+
+def _split_image_paths(fs: features.FeatureSet | features.FeatureFile, items: np.ndarray) -> list[str]:
+    """The image paths of `items` (ascending), a FeatureFile's read a block of rows at a time."""
+    if isinstance(fs, features.FeatureSet):
+        return [fs.image_path[i] for i in items]
+    wanted = np.zeros(len(fs.labels), dtype=bool)
+    wanted[items] = True
+    paths: list[str] = []
+    for start, block in features.iter_item_blocks(fs.path, ["image_path"]):
+        paths += [p for p, w in zip(block["image_path"], wanted[start:start + len(block["image_path"])]) if w]
+    return paths
+
+
+def attribute_queries(fs: features.FeatureSet | features.FeatureFile, items: np.ndarray, attributes: str | Path,
+                      encoder: TextEncoder | None = None, device: torch.device | str = "cpu",
+                      min_items: int = ATTRIBUTE_MIN_ITEMS) -> AttributeQueries:
+    """Read the attributes CSV (columns `image`, as in the catalogue, and `baseColour`), make one query
+    per (colour, class) pair with at least `min_items` items among `items`, and encode the queries
+    with the feature file's text encoder through stage one's text preparation."""
+    try:
+        table = pd.read_csv(attributes, usecols=["image", COLOUR_COLUMN], dtype=str)
+    except (OSError, ValueError) as exc:
+        raise HuseError(f"cannot read the attributes {attributes} (it needs columns image and {COLOUR_COLUMN}): "
+                        f"{exc}") from exc
+    table = table.dropna().drop_duplicates("image")
+    colour_of = dict(zip(table["image"], table[COLOUR_COLUMN].str.strip()))
+    names = [colour_of.get(path) or None for path in _split_image_paths(fs, items)]
+    if not any(names):
+        raise HuseError(f"no item of the split has a {COLOUR_COLUMN} in {attributes}: its `image` column must hold "
+                        "the catalogue's image paths")
+    colours = sorted({c for c in names if c})
+    index = {c: i for i, c in enumerate(colours)}
+    item_colour = np.array([index[c] if c else -1 for c in names], dtype=np.int64)  # (N,)
+    known = item_colour >= 0
+    pairs, counts = np.unique(np.stack([item_colour[known], fs.labels[items][known]], 1), axis=0, return_counts=True)
+    pairs = pairs[counts >= min_items]  # (Q, 2) by colour, then class
+    sep = fs.attrs.get("label_sep", "<")
+    text = [f"{colours[c]} {fs.class_names[y].split(sep)[-1].strip()}" for c, y in pairs]
+    if encoder is None:
+        name = (fs.attrs.get("extract_config") or {}).get("text_encoder") or fs.attrs.get("text_encoder", "")
+        encoder = load_text_encoder(name, device)
+    dim = fs.text_emb.shape[1]
+    feats = np.zeros((0, dim), np.float32)
+    if text:
+        feats = encoder.encode(prepare_texts(text, encoder.max_tokens, encoder.count_tokens).text_used)
+    if feats.shape[1] != dim:
+        raise HuseError(f"the text encoder gives {feats.shape[1]}-d features, the feature file holds {dim}-d")
+    return AttributeQueries(text=text, features=np.asarray(feats, np.float32), colour=pairs[:, 0].astype(np.int64),
+                            label=pairs[:, 1].astype(np.int64), item_colour=item_colour, colours=colours)
+
+
+class AttributeScan:
+    """attr/* of `huse eval`: the queries through the text tower, their top ATTRIBUTE_K images found
+    from a gallery of the split's image embeddings that arrives a block at a time (`add`, as
+    `retrieval.GalleryScan`: held outputs or a streamed pass alike)."""
+
+    def __init__(self, model: HuseModel, queries: AttributeQueries, labels: torch.Tensor, cfg: EvalConfig,
+                 precision: str, k: int = ATTRIBUTE_K) -> None:
+        self.queries, self.labels, self.k, device = queries, labels, k, labels.device
+        self.scan = None
+        if queries.text:
+            with torch.inference_mode():
+                query_emb = model.embed_text(torch.from_numpy(queries.features).to(device)).float()  # (Q, D)
+            self.scan = GalleryScan(query_emb, len(labels), k, query_chunk=cfg.query_chunk,
+                                    gallery_chunk=cfg.gallery_chunk, precision=precision)
+
+    def add(self, start: int, image_emb: torch.Tensor) -> None:
+        """Gallery items start .. start + len(image_emb) - 1 of the split, (g, D) unit norm."""
+        if self.scan is not None:
+            self.scan.add(start, image_emb)
+
+    def result(self) -> dict[str, float | int | None]:
+        k, q = self.k, self.queries
+        if self.scan is None:
+            return {f"attr/colour_class@{k}": None, f"attr/class@{k}": None, f"attr/colour@{k}": None,
+                    "attr/n_queries": 0}
+        _, ranked = self.scan.topk()  # (Q, k) positions in the split
+        dev = self.labels.device
+        scores = metrics.attribute_search(ranked, torch.from_numpy(q.colour).to(dev), torch.from_numpy(q.label).to(dev),
+                                          torch.from_numpy(q.item_colour).to(dev), self.labels)
+        # named by the K asked for, also when a split of fewer images gives shorter lists
+        return {**{f"attr/{key.split('@')[0]}@{k}": v for key, v in scores.items()}, "attr/n_queries": len(q.text)}
+
+
+def attribute_metrics(model: HuseModel, queries: AttributeQueries, out: SplitOutputs, cfg: EvalConfig,
+                      precision: str = "float64", k: int = ATTRIBUTE_K) -> dict[str, float | int | None]:
+    """attr/colour_class@K (the mean share of a query's top K images of the split matching its colour
+    AND class), attr/class@K, attr/colour@K and attr/n_queries, from held outputs of the split."""
+    scan = AttributeScan(model, queries, out.labels, cfg, precision, k)
+    for b0 in range(0, len(out.labels), cfg.gallery_chunk):
+        scan.add(b0, out.image_emb[b0:b0 + cfg.gallery_chunk])
+    return scan.result()
+
+
 # ------------------------------------------------------------------------------------ baselines
 
 
@@ -397,15 +513,16 @@ def scanned_metrics(fs: features.FeatureSet | features.FeatureFile, items: np.nd
                     model: HuseModel, weight: float, tree_t: torch.Tensor, class_dist: np.ndarray | None,
                     tree: np.ndarray, cfg: EvalConfig, device: torch.device, precision: str,
                     resident: SplitOutputs | None = None, baseline_models: tuple[HuseModel, HuseModel] | None = None,
-                    baseline_weight: float = 0.5, raw_baseline: bool = False
-                    ) -> tuple[dict[str, float | None], SplitOutputs]:
+                    baseline_weight: float = 0.5, raw_baseline: bool = False,
+                    attribute_scan: AttributeScan | None = None) -> tuple[dict[str, float | None], SplitOutputs]:
     """Every metric of the split with the items at positions `query_pos` (ascending) as the queries of
     each retrieval task and the whole split as its gallery, the gallery taken a block at a time:
     from `resident` (the split's outputs, held) or, without it, read from the file and embedded on
     the fly. Queries are embedded in their own pass, a group at a time (`_query_groups`); each
     group's gallery pass feeds one `GalleryScan` per task. Classification, the universal space and
-    the baselines' classification use every item of the split (first pass). Also returns the outputs
-    of (a sample of at most REPORT_ITEMS of) the queries, for the report.
+    the baselines' classification use every item of the split (first pass), and so does
+    `attribute_scan` (its images are the whole split). Also returns the outputs of (a sample of at most
+    REPORT_ITEMS of) the queries, for the report.
     """
     n, num_classes, block = len(items), fs.num_classes, aligned_block(cfg)
     labels = torch.from_numpy(fs.labels[items]).to(device)  # (N,) the gallery's classes
@@ -474,6 +591,8 @@ def scanned_metrics(fs: features.FeatureSet | features.FeatureFile, items: np.nd
                                    "baseline/fused": _fused(sep, baseline_weight)})
                 cls.add(y, scores)
                 space.add(h["image_emb"], h["text_emb"], y)
+                if attribute_scan is not None:
+                    attribute_scan.add(b0, h["image_emb"])
             for t, (sp, qm, gm, in_modal) in tasks.items():
                 scans[t].add(b0, out[sp][key[gm]])
         for t, scan in scans.items():
@@ -498,6 +617,8 @@ def scanned_metrics(fs: features.FeatureSet | features.FeatureFile, items: np.nd
         if t in ranks:
             result.update({f"{t}/{m}": v for m, v in metrics.instance_retrieval(torch.cat(ranks[t])).items()})
     result.update(space.result(class_dist, tree))
+    if attribute_scan is not None:
+        result.update(attribute_scan.result())
     if baseline_models is not None:
         result.update({"baseline/acc/image": cls.accuracy("baseline/image"),
                        "baseline/acc/text": cls.accuracy("baseline/text"),
@@ -581,6 +702,7 @@ def _evaluate_file(cfg: EvalConfig, ckpt: dict[str, Any], ckpt_path: Path, run_d
     sampled = len(query_pos) < len(items)
     precision = cfg.similarity if cfg.similarity != "auto" else \
         ("float32" if len(query_pos) * len(items) > PAIRS_FLOAT32 else "float64")
+    queries = attribute_queries(fs, items, cfg.attributes, device=device) if cfg.attributes else None
 
     if mode == "resident":
         out = split_outputs(model, model, fs, items, device, cfg.batch_size)
@@ -599,6 +721,8 @@ def _evaluate_file(cfg: EvalConfig, ckpt: dict[str, Any], ckpt_path: Path, run_d
         result.update(all_retrieval_metrics(out, tree_t, fs.num_classes, cfg.query_chunk, cfg.gallery_chunk,
                                             map_cap=cfg.map_cap, precision=precision))
         result.update(universal_space_metrics(out, fs.num_classes, fs.class_dist, tree, aligned_block(cfg)))
+        if queries is not None:
+            result.update(attribute_metrics(model, queries, out, cfg, precision))
         if cfg.baselines:
             result.update(baseline_metrics(fs, ckpt.get("train_config"), items, val_items, tree_t, cfg, device,
                                            precision))
@@ -610,9 +734,12 @@ def _evaluate_file(cfg: EvalConfig, ckpt: dict[str, Any], ckpt_path: Path, run_d
             base_weight = (tune_or_default(split_outputs(*base_models, fs, val_items, device, cfg.batch_size)
                                            if val_items is not None else None, cfg.fusion_step)[0]
                            if mode == "resident" else tune_streaming(base_models, fs, val_items, cfg, device)[0])
+        scan = None if queries is None else \
+            AttributeScan(model, queries, torch.from_numpy(fs.labels[items]).to(device), cfg, precision)
         result, report_out = scanned_metrics(fs, items, query_pos, model, weight, tree_t, fs.class_dist, tree, cfg,
                                              device, precision, resident=out, baseline_models=base_models,
-                                             baseline_weight=base_weight, raw_baseline=cfg.baselines)
+                                             baseline_weight=base_weight, raw_baseline=cfg.baselines,
+                                             attribute_scan=scan)
         # the report draws from the queries' outputs (a sample: its examples cost O(sample^2), not O(N^2))
     result.update({
         "meta/split": cfg.split,

@@ -23,6 +23,7 @@ class EvalConfig:
     split: str = "test"
     out: str | None = None  # default: <run>/eval_<split>.json
     baselines: bool = False  # also train the separate-model baselines and score raw features
+    attributes: str | None = None  # attributes CSV (image, baseColour): adds the attr/* colour-and-class search
     report: str | None = None  # folder for the HTML report (index.html)
     device: str = "auto"
     runs_dir: str = DEFAULT_RUNS_DIR

@@ -27,6 +27,8 @@ METRIC_KEYS = (
 # With --baselines. baseline/fusion_weight is the separate models' tuned weight (not in the paper).
 BASELINE_KEYS = ("baseline/acc/image", "baseline/acc/text", "baseline/acc/fused", "baseline/fusion_weight") + tuple(
     f"baseline/{t}/{m}" for t in IN_MODAL_TASKS for m in RETRIEVAL_METRICS)
+# With --attributes (a catalogue with a colour attribute): "<colour> <class>" text queries against the images.
+ATTRIBUTE_KEYS = ("attr/colour_class@10", "attr/class@10", "attr/colour@10", "attr/n_queries")
 # Provenance, so the JSON says what it measured.
 META_KEYS = ("meta/split", "meta/n_items", "meta/checkpoint", "meta/features", "meta/features_match_training",
              "meta/fusion_weight_source", "meta/eval_time_s")
@@ -98,6 +100,16 @@ def metric_tables(m: dict[str, Any]) -> list[MetricTable]:
         tuple(1 if k == "medr" else 3 for k in INSTANCE_METRICS),
         tuple(MetricRow(t, tuple(f"{t}/{k}" for k in INSTANCE_METRICS)) for t in ("img2txt", "txt2img")), "task",
         "The only hit is the query's own paired item; medr is its median rank (1 = best)."))
+    if "attr/n_queries" in m:
+        tables.append(MetricTable(
+            "attribute search (top 10)", "Colour-and-class text queries", ("value",), (3,),
+            (MetricRow("colour and class", ("attr/colour_class@10",), meaning="share of the top 10 images of the "
+                       "query's colour and class"),
+             MetricRow("class", ("attr/class@10",), meaning="share of the query's class"),
+             MetricRow("colour", ("attr/colour@10",), meaning="share of the query's colour"),
+             MetricRow("queries", ("attr/n_queries",), meaning="(colour, class) pairs with at least 3 items")),
+            "metric", "One text query \"<colour> <class>\" per (colour, class) pair with at least 3 items in the "
+            "split, through the text tower, against the split's images (--attributes).", one_line=True))
     tables.append(MetricTable(
         "universal space", "The universal space", ("value",), (3,),
         (MetricRow("graph_fidelity", ("graph_fidelity",), meaning="Spearman correlation of class-centroid distances "

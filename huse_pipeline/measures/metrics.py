@@ -187,6 +187,26 @@ def instance_retrieval(ranks: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> di
     return out
 
 
+# ----------------------------------------------------------------------- attribute-aware search
+
+
+def attribute_search(ranked: torch.Tensor, query_colour: torch.Tensor, query_label: torch.Tensor,
+                     item_colour: torch.Tensor, item_label: torch.Tensor) -> dict[str, float]:
+    """Shares of the retrieved items that match a "<colour> <class>" query, averaged over the queries.
+
+    ranked: (Q, K) gallery indices of each query's top K; query_colour, query_label: (Q,) the colour id
+    and the class the query names; item_colour, item_label: (G,) those of each gallery item (colour
+    -1: unknown, never a match). Returns `colour_class@K`, the mean share of the top K matching both
+    colour and class, `class@K` (the class only) and `colour@K` (the colour only).
+    """
+    k = ranked.shape[1]
+    colour_hit = (item_colour[ranked] == query_colour[:, None]) & (item_colour[ranked] >= 0)  # (Q, K)
+    class_hit = item_label[ranked] == query_label[:, None]  # (Q, K)
+    share = lambda hit: float(hit.double().mean(dim=1).mean())  # noqa: E731
+    return {f"colour_class@{k}": share(colour_hit & class_hit), f"class@{k}": share(class_hit),
+            f"colour@{k}": share(colour_hit)}
+
+
 # ------------------------------------------------------------------------- the universal space
 
 

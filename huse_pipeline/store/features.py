@@ -377,6 +377,7 @@ class FeatureSet(_ItemsView):
     graph_attrs: dict[str, Any] = field(default_factory=dict)
     tree_dist: np.ndarray | None = None  # (C, C) int64
     skipped: pd.DataFrame | None = None
+    text_used: list[str] | None = None  # (N,) what the text encoder saw (None in a file without the column)
 
 
 
@@ -430,6 +431,7 @@ def read_features(path: str | Path, views: bool = False) -> FeatureSet:
             image_path=_strings(items["image_path"]),
             text=_strings(items["text"]),
             row=items["row"][()],
+            text_used=_strings(items["text_used"]) if "text_used" in items else None,
         )
         if views and "views" in f:
             fs.view_emb = f["views/image_emb"][()]
@@ -523,6 +525,36 @@ def features_digest(fs: "FeatureSet | FeatureFile") -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------ item keys
+# (stage two's instance term must not treat two items with the same title, or the same image, as
+# negatives of each other: `train.batches.item_groups` joins items by these keys)
+
+
+def row_keys(rows: np.ndarray) -> np.ndarray:
+    """(b, D) float32 rows -> (b,) uint64: a 64-bit blake2b hash of each row's bytes, so bit-identical
+    rows get one key (different rows the same key with chance 2^-64 a pair)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return np.frombuffer(b"".join(hashlib.blake2b(r, digest_size=8).digest() for r in rows), dtype=np.uint64).copy()
+
+
+def string_keys(texts: Iterable[str]) -> np.ndarray:
+    """(n,) uint64 64-bit blake2b hashes of the strings' UTF-8 bytes (equal strings, one key)."""
+    digests = b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest() for t in texts)
+    return np.frombuffer(digests, dtype=np.uint64).copy()
+
+
+def item_keys(fs: "FeatureSet | FeatureFile") -> tuple[np.ndarray, np.ndarray]:
+    """(title key, image key), (N,) uint64 each: `string_keys` of each item's title as the text encoder
+    saw it (`text_used`; the raw text in a file without it) and `row_keys` of its image features (the
+    deterministic view, as float32). A `FeatureFile` takes them from its one streaming pass."""
+    if isinstance(fs, FeatureFile):
+        summary = fs.summary()
+        return summary.title_key, summary.image_key
+    image = [row_keys(fs.image_emb[a:a + SCAN_ROWS]) for a in range(0, len(fs.image_emb), SCAN_ROWS)]
+    title = string_keys(fs.text_used if fs.text_used is not None else fs.text)
+    return title, np.concatenate(image) if image else np.zeros(0, np.uint64)
+
+
 # ------------------------------------------------------------------------ reading in blocks
 # (for `huse index`: memory bounded by one block of rows, whatever the catalogue's size)
 
@@ -560,6 +592,8 @@ class ItemSummary:
     class_counts: dict[str, np.ndarray]  # split name -> (C,) int64 items of each class
     stats: dict[str, tuple[np.ndarray, np.ndarray]]  # image | text -> train-split (mean, std) (D,) float64, std unbiased
     non_finite: dict[str, int]  # image | text -> non-finite feature values over all items
+    title_key: np.ndarray  # (N,) uint64 `item_keys`' title keys
+    image_key: np.ndarray  # (N,) uint64 `item_keys`' image keys
 
 
 class RunningMoments:
@@ -710,11 +744,12 @@ class FeatureFile(_ItemsView):
         """One streaming pass over the items (cached): the digest (`features_digest`'s value of the
         FeatureSet `read_features` gives: float32 values, whatever the stored dtype), the train split's
         per-feature mean and unbiased std in float64 (those of the whole array to ~1e-12), the class
-        counts per split and the non-finite values. Memory: one block of SCAN_ROWS rows."""
+        counts per split, the non-finite values and the `item_keys` (16 bytes an item). Memory: one
+        block of SCAN_ROWS rows, besides the keys."""
         if self._summary is None:
             h = hashlib.blake2b(digest_size=16)
             train = self.split == "train"
-            stats, bad = {}, {}
+            stats, bad, image_key = {}, {}, []
             for name, ds in (("image", self.image_emb), ("text", self.text_emb)):
                 moments, bad[name] = RunningMoments(ds.shape[1]), 0
                 for start in range(0, len(ds), SCAN_ROWS):
@@ -724,12 +759,19 @@ class FeatureFile(_ItemsView):
                     if not finite.all():
                         bad[name] += int((~finite).sum())
                     moments.add(x[train[start:start + len(x)]])
+                    if name == "image":
+                        image_key.append(row_keys(x))
                 stats[name] = (moments.mean, moments.std())
+            items = self._file["items"]
+            titles = items["text_used"] if "text_used" in items else items["text"]
+            title_key = np.concatenate([np.zeros(0, np.uint64)] + [
+                string_keys(titles.asstr()[a:a + SCAN_ROWS]) for a in range(0, len(titles), SCAN_ROWS)])
             h.update(np.ascontiguousarray(self.labels))
             h.update("\n".join(map(str, self.split)).encode())
             counts = {s: np.bincount(self.labels[self.split == s], minlength=self.num_classes)
                       for s in sorted(set(self.split.tolist()))}
-            self._summary = ItemSummary(h.hexdigest(), counts, stats, bad)
+            self._summary = ItemSummary(h.hexdigest(), counts, stats, bad, title_key,
+                                        np.concatenate([np.zeros(0, np.uint64), *image_key]))
         return self._summary
 
     # -- lifetime

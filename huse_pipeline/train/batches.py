@@ -23,9 +23,12 @@ The contract of a source:
   device: the train split's per-feature mean and (unbiased) standard deviation, computed in
   float64, of the deterministic image view; the towers standardise their inputs with them.
 
-A `Batch` holds image (b, Di) float32, text (b, Dt) float32 and labels (b,) int64, on the training
-device; row i of each is item i. A source may store its items in another dtype (ResidentSource on
-CUDA: float16) and upcast each batch.
+A `Batch` holds image (b, Di) float32, text (b, Dt) float32, labels (b,) int64 and groups (b,) int64
+(`item_groups`: items of one group are never negatives of each other in the instance loss; None
+means every item is its own group), on the training device; row i of each is item i. A source may
+store its items in another dtype (ResidentSource on CUDA: float16) and upcast each batch. Both
+sources here compute the groups once, when they are made (from the items' keys; a FeatureFile's come
+from its one streaming pass), and deliver them with every train and val batch.
 """
 from __future__ import annotations
 
@@ -38,9 +41,11 @@ from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from huse_pipeline.errors import HuseError
-from huse_pipeline.store.features import SCAN_ROWS, FeatureFile, FeatureSet, open_features
+from huse_pipeline.store.features import SCAN_ROWS, FeatureFile, FeatureSet, item_keys, open_features
 from huse_pipeline.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,7 @@ class Batch:
     image: torch.Tensor  # (b, Di) float32, the view drawn for each item
     text: torch.Tensor  # (b, Dt) float32
     labels: torch.Tensor  # (b,) int64
+    groups: torch.Tensor | None = None  # (b,) int64 item groups (`item_groups`); None: every item its own
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -86,6 +92,34 @@ class BatchSource(Protocol):
 
 # how `loop.fit` gets its source: (feature set or open feature file, config, training device) -> source
 SourceFactory = Callable[[FeatureSet | FeatureFile, TrainConfig, torch.device], BatchSource]
+
+
+def groups_from_keys(*keys: np.ndarray) -> np.ndarray:
+    """(N,) int64 group of each item: items that share a value of any of the (N,) `keys` are joined,
+    transitively (connected components of the graph item - key value), numbered 0.. in order of each
+    group's first item."""
+    n = len(keys[0])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    nodes, offset = [], n  # item nodes 0..N-1, then one node per distinct value of each key
+    for key in keys:
+        _, value = np.unique(key, return_inverse=True)  # (N,) value index of each item
+        nodes.append(offset + value.reshape(-1))
+        offset += int(value.max()) + 1
+    rows = np.tile(np.arange(n), len(keys))
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, np.concatenate(nodes))), shape=(offset, offset))
+    _, component = connected_components(graph, directed=False)  # (offset,)
+    _, first, groups = np.unique(component[:n], return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # renumber groups by their first item
+    return order[groups.reshape(-1)].astype(np.int64)
+
+
+def item_groups(fs: FeatureSet | FeatureFile) -> np.ndarray:
+    """(N,) int64 group of each item for the instance loss: items with the same title (as the text
+    encoder saw it) or bit-identical image features (an exact duplicate image) are one group, joined
+    transitively. Same-title items of different classes are joined too: their text features are the
+    same, so each one's text could not be told from the other's. Keys from `store.features.item_keys`."""
+    return groups_from_keys(*item_keys(fs))
 
 
 def _check_splits(fs: FeatureSet | FeatureFile) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +215,7 @@ class ResidentSource:
     view_emb: torch.Tensor | None  # (M, K, Di) float32 (float16 on CUDA) augmented views of train items
     view_row: torch.Tensor | None  # (N,) int64 row of view_emb per item, -1 if none
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # input_stats, when computed before storing
+    groups: torch.Tensor | None = None  # (N,) int64 `item_groups`; None: every item its own group
 
     data_mode = "resident"
 
@@ -241,6 +276,7 @@ class ResidentSource:
             view_emb=view_emb,
             view_row=view_row,
             stats=stats,
+            groups=torch.as_tensor(item_groups(fs), **as_long),
         )
 
     @property
@@ -276,7 +312,8 @@ class ResidentSource:
     def batch(self, idx: torch.Tensor, choice: torch.Tensor | None = None) -> Batch:
         """(b,) item indices and their view choices (None: deterministic view) -> their Batch (float32:
         `.float()` is a no-op for float32 storage and the upcast for float16)."""
-        return Batch(self.image_batch(idx, choice).float(), self.text[idx].float(), self.labels[idx])
+        return Batch(self.image_batch(idx, choice).float(), self.text[idx].float(), self.labels[idx],
+                     None if self.groups is None else self.groups[idx])
 
     def image_batch(self, idx: torch.Tensor, choice: torch.Tensor | None) -> torch.Tensor:
         """(b,) item indices and (b,) view choices (0 = deterministic view, k = augmented view k)
@@ -323,6 +360,7 @@ class StreamingSource:
         self.class_dist = (None if ff.class_dist is None else
                            torch.as_tensor(ff.class_dist, dtype=torch.float32, device=device))
         self._labels = ff.labels
+        self._groups = item_groups(ff)  # (N,) int64, from the summary's keys
         self._n_views = (int(ff.view_emb.shape[1]) if cfg.use_views and ff.view_emb is not None else 0)
         self.block_rows = cfg.stream_block_rows
         n_blocks = -(-ff.n_items // self.block_rows)
@@ -354,10 +392,10 @@ class StreamingSource:
     def input_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return self._stats
 
-    def _to_batch(self, image: np.ndarray, text: np.ndarray, labels: np.ndarray) -> Batch:
+    def _to_batch(self, image: np.ndarray, text: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> Batch:
         dev = self._device
         return Batch(torch.from_numpy(image).to(dev, torch.float32), torch.from_numpy(text).to(dev, torch.float32),
-                     torch.from_numpy(labels).to(dev))
+                     torch.from_numpy(labels).to(dev), torch.from_numpy(groups).to(dev))
 
     # -- one epoch
     def train_batches(self, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
@@ -384,6 +422,7 @@ class StreamingSource:
                 else:  # a file stored in another dtype: converted here
                     dest[pos:pos + n] = src[rel]
             buf["labels"][pos:pos + n] = self._labels[items]
+            buf["groups"][pos:pos + n] = self._groups[items]
             if self._n_views:
                 view_item = ff.view_item
                 v0, v1 = np.searchsorted(view_item, [lo, hi])
@@ -407,6 +446,7 @@ class StreamingSource:
             free.put({"image": np.empty((rows, self.image_dim), np.float32),
                       "text": np.empty((rows, self.text_dim), np.float32),
                       "labels": np.empty(rows, np.int64),
+                      "groups": np.empty(rows, np.int64),
                       "block_image": np.empty((self.block_rows, self.image_dim), self._ff.image_emb.dtype),
                       "block_text": np.empty((self.block_rows, self.text_dim), self._ff.text_emb.dtype)})
         stop = threading.Event()
@@ -430,7 +470,8 @@ class StreamingSource:
         reader = threading.Thread(target=produce, name="huse-stream-reader", daemon=True)
         reader.start()
         try:
-            carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # rows short of a batch, copied out
+            fields = ("image", "text", "labels", "groups")
+            carry: tuple[np.ndarray, ...] | None = None  # rows short of a batch, copied out
             for j in range(len(windows) + 1):
                 got = full.get()
                 if isinstance(got, BaseException):
@@ -442,7 +483,7 @@ class StreamingSource:
                 start = 0
                 if carry is not None:
                     take = perm[:batch_size - len(carry[2])]
-                    parts = [np.concatenate([c, buf[k][take]]) for c, k in zip(carry, ("image", "text", "labels"))]
+                    parts = [np.concatenate([c, buf[k][take]]) for c, k in zip(carry, fields)]
                     start = len(take)
                     carry = None
                     if len(parts[2]) == batch_size:
@@ -452,10 +493,10 @@ class StreamingSource:
                 end = start + (n - start) // batch_size * batch_size
                 for s in range(start, end, batch_size):
                     idx = perm[s:s + batch_size]
-                    yield self._to_batch(buf["image"][idx], buf["text"][idx], buf["labels"][idx])
+                    yield self._to_batch(*(buf[k][idx] for k in fields))
                 if end < n:
                     idx = perm[end:]
-                    rest = (buf["image"][idx], buf["text"][idx], buf["labels"][idx])  # copies
+                    rest = tuple(buf[k][idx] for k in fields)  # copies
                     carry = rest if carry is None else tuple(np.concatenate([c, r]) for c, r in zip(carry, rest))
                 free.put(buf)
             if carry is not None:
@@ -472,6 +513,7 @@ class StreamingSource:
             part = items[c0:c0 + chunk]
             image = self._ff.read_items("image_emb", part).astype(np.float32, copy=False)
             text = self._ff.read_items("text_emb", part).astype(np.float32, copy=False)
-            labels = self._labels[part]
+            labels, groups = self._labels[part], self._groups[part]
             for s in range(0, len(part), batch_size):
-                yield self._to_batch(image[s:s + batch_size], text[s:s + batch_size], labels[s:s + batch_size])
+                sl = slice(s, s + batch_size)
+                yield self._to_batch(image[sl], text[sl], labels[sl], groups[sl])

@@ -13,7 +13,7 @@ from typing import Any
 from huse_pipeline.errors import HuseError
 from huse_pipeline.settings import DEFAULT_RUNS_DIR
 from huse_pipeline.train import losses
-from huse_pipeline.train.losses import GRAPH_PAIRS, MARGIN_RULES
+from huse_pipeline.train.losses import GRAPH_PAIRS, INSTANCE_LOSSES, MARGIN_RULES
 from huse_pipeline.train.model import ModelConfig, TowerSettings
 from huse_pipeline.utils import added_later, fields_added_later
 
@@ -66,6 +66,12 @@ class TrainConfig(TowerSettings):
     zeta: float = losses.DEFAULT_MARGIN  # margin of the graph loss, on cosine distances
     margin_rule: str = losses.DEFAULT_MARGIN_RULE  # and (Eq. 10 as printed) | or
     graph_pairs: str = losses.DEFAULT_GRAPH_PAIRS  # all | cross | within (see losses.graph_loss)
+    # the instance-level term (not in the paper; losses.instance_loss), chosen on val (BENCHMARKS.md, round 8);
+    # delta 0 is the paper's loss, and runs saved before the field existed trained without it
+    delta: float = added_later(losses.DEFAULT_DELTA, before=0.0)
+    instance_loss: str = losses.DEFAULT_INSTANCE_LOSS  # infonce | hinge (VSE++ hardest negative)
+    temperature: float = losses.DEFAULT_TEMPERATURE  # InfoNCE's fixed temperature
+    instance_margin: float = losses.DEFAULT_INSTANCE_MARGIN  # the hinge's margin, on cosine similarities
     # model: embed_dim ... relu_before_norm are inherited from TowerSettings (paper §4.1.3). Training
     # overrides one default, the model's "off" for dropout on the image tower's standardised inputs
     # (not in the paper; 0.3 chosen on val); runs saved before the field existed had none
@@ -90,27 +96,30 @@ class TrainConfig(TowerSettings):
 
     def __post_init__(self) -> None:
         choices = {"modality": MODALITIES, "preset": tuple(PRESETS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "margin_rule": MARGIN_RULES, "graph_pairs": GRAPH_PAIRS, "input_norm": INPUT_NORMS,
+                   "margin_rule": MARGIN_RULES, "graph_pairs": GRAPH_PAIRS, "instance_loss": INSTANCE_LOSSES,
+                   "input_norm": INPUT_NORMS,
                    "select": tuple(SELECT_METRICS), "data": DATA_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise HuseError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("lr", "batch_size", "epochs", "embed_dim", "hidden_dim", "eval_every", "stream_buffer_mb",
-                    "stream_block_rows")
+                    "stream_block_rows", "temperature")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise HuseError(f"{name} must be positive, got {getattr(self, name)}")
-        weights = {k: getattr(self, k) for k in ("alpha", "beta", "gamma", "zeta", "lr", "weight_decay")}
+        weights = {k: getattr(self, k) for k in ("alpha", "beta", "gamma", "delta", "zeta", "temperature",
+                                                 "instance_margin", "lr", "weight_decay")}
         if not all(math.isfinite(v) for v in weights.values()):
             raise HuseError(f"loss weights, margin and optimiser settings must be finite numbers, got {weights}")
         if not 0 <= self.zeta <= 2:
             raise HuseError(f"zeta is a margin on cosine distances, which lie in [0, 2]; got {self.zeta}")
         if self.steps is not None and self.steps <= 0:
             raise HuseError(f"steps must be positive, got {self.steps}")
-        if min(self.alpha, self.beta, self.gamma, self.weight_decay, self.patience, self.image_layers,
-               self.text_layers, self.val_sample) < 0 or not (0 <= self.dropout < 1 and 0 <= self.image_input_dropout < 1):
-            raise HuseError("alpha, beta, gamma, weight_decay, patience, layer counts and val_sample must be >= 0 and "
-                            "dropouts in [0, 1)")
+        if min(self.alpha, self.beta, self.gamma, self.delta, self.instance_margin, self.weight_decay, self.patience,
+               self.image_layers, self.text_layers, self.val_sample) < 0 or not (0 <= self.dropout < 1 and
+                                                                                0 <= self.image_input_dropout < 1):
+            raise HuseError("alpha, beta, gamma, delta, instance_margin, weight_decay, patience, layer counts and "
+                            "val_sample must be >= 0 and dropouts in [0, 1)")
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> TrainConfig:

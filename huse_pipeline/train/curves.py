@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.legend import Legend
 from matplotlib.ticker import MaxNLocator
 
-LOSS_PARTS = (("loss", "total (weighted)"), ("class", "L_class"), ("graph", "L_graph"), ("gap", "L_gap"))
+LOSS_PARTS = (("loss", "total (weighted)"), ("class", "L_class"), ("graph", "L_graph"), ("gap", "L_gap"), ("inst", "L_inst"))
 ACCURACIES = ("image", "text", "fused", "mean")
 N_EPOCH_TICKS = 6  # at most this many epoch labels per panel, whatever the number of epochs
 
@@ -27,16 +27,17 @@ def _lone(pts: list) -> str | None:
 
 
 def training_curves(history: list[dict[str, Any]], mark_epoch: int | None = None, mark_label: str = "best") -> Figure:
-    """Small multiples per epoch, 2 rows of 3 panels: the weighted total and each loss part
+    """Small multiples per epoch, 2 rows of 4 panels: the weighted total and each loss part
     (unweighted) on its own axis, train solid and val dashed, then the validation accuracies; a
     dotted line at `mark_epoch`. The last panel holds the legends, so no legend covers a curve.
 
     Own axes per part because their scales differ by orders of magnitude (the graph loss is often
     1e-3 of the classification loss) and one shared axis would hide the small ones.
     """
-    fig = Figure(figsize=(13, 7.2), dpi=100, layout="constrained")
+    fig = Figure(figsize=(16, 7.2), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    *axes, key_ax = fig.subplots(2, 3).ravel()
+    *axes, key_ax, spare = fig.subplots(2, 4).ravel()  # len(LOSS_PARTS) loss panels, then the accuracies
+    spare.remove()
     for ax, (part, title) in zip(axes, LOSS_PARTS):
         for split, style in (("train", "-"), ("val", "--")):
             pts = [(row["epoch"], row[f"{split}/{part}"]) for row in history if f"{split}/{part}" in row]

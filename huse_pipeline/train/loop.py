@@ -1,5 +1,6 @@
 """Stage two (paper §3.2, §3.4, §4.1.3): train the towers and the shared classifier on the cached
-frozen features with L = alpha*L_class + beta*L_graph + gamma*L_gap. Validation every epoch (on all
+frozen features with L = alpha*L_class + beta*L_graph + gamma*L_gap (+ delta*L_inst, not in the
+paper; delta 0 is the paper's loss). Validation every epoch (on all
 val items, or a seeded class-stratified sample of them), best/last checkpoints, resumable and
 bit-reproducible on CPU. `fit` reads every batch from a `batches.BatchSource` (default
 `batches.make_source`: the items held on the device, or streamed from the file when they do not
@@ -75,14 +76,16 @@ def _forward(model: HuseModel, batch: Batch, cfg: TrainConfig, amp: bool) -> dic
 
 
 def _loss(out: dict[str, torch.Tensor | None], labels: torch.Tensor, class_dist: torch.Tensor | None,
-          cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total loss and its parts (float32) for one batch's `_forward` output."""
+          cfg: TrainConfig, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total loss and its parts (float32) for one batch's `_forward` output; `groups` (b,) are the
+    batch's item groups for the instance loss (None: every item its own)."""
     if cfg.modality != "both":  # the "separate models" baseline: classification loss only
         loss = classification_loss(out["image_logits"], out["text_logits"], labels)
         return loss, {"class": loss}
     return huse_loss(out["image_emb"], out["text_emb"], out["image_logits"], out["text_logits"], labels,
                      class_dist, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, margin=cfg.zeta,
-                     margin_rule=cfg.margin_rule, pairs=cfg.graph_pairs)
+                     margin_rule=cfg.margin_rule, pairs=cfg.graph_pairs, delta=cfg.delta, groups=groups,
+                     temperature=cfg.temperature, instance_kind=cfg.instance_loss, instance_margin=cfg.instance_margin)
 
 
 @torch.no_grad()
@@ -99,7 +102,7 @@ def validate(model: HuseModel, source: BatchSource, cfg: TrainConfig, amp: bool 
     batches = source.val_batches(cfg.batch_size) if items is None else source.val_batches(cfg.batch_size, items)
     for batch in batches:
         out = _forward(model, batch, cfg, amp)
-        loss, parts = _loss(out, batch.labels, source.class_dist, cfg)
+        loss, parts = _loss(out, batch.labels, source.class_dist, cfg, batch.groups)
         for k, v in {"loss": loss, **parts}.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
         for m in ("image", "text"):
@@ -290,7 +293,7 @@ def _train_epoch(model: HuseModel, optimizer: torch.optim.Optimizer, source: Bat
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * _lr_factor(cfg, step, total_steps)
         out = _forward(model, batch, cfg, amp)
-        loss, parts = _loss(out, batch.labels, source.class_dist, cfg)
+        loss, parts = _loss(out, batch.labels, source.class_dist, cfg, batch.groups)
         if not torch.isfinite(loss):
             raise _non_finite(loss, parts, epoch, step + 1, run)
         optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,8 @@
 """The HUSE losses (paper §3.4, Eqs. 5-12) on the universal embeddings: classification through the
-shared layer, the semantic-graph loss against the class graph A, the cross-modal gap loss, and
-their weighted sum L = alpha*L_class + beta*L_graph + gamma*L_gap. Every loss takes embeddings
-(or the shared layer's logits), never the model, and returns a 0-dim tensor.
+shared layer, the semantic-graph loss against the class graph A, the cross-modal gap loss, (not in
+the paper) an instance-level alignment term, and their weighted sum
+L = alpha*L_class + beta*L_graph + gamma*L_gap + delta*L_inst. Every loss takes embeddings (or the
+shared layer's logits), never the model, and returns a 0-dim tensor.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from huse_pipeline.measures import metrics
 
 MARGIN_RULES = ("and", "or")
 GRAPH_PAIRS = ("all", "cross", "within")
+INSTANCE_LOSSES = ("infonce", "hinge")
 
 # The defaults of Eq. 5's weights and of the graph loss, chosen on the val split of the real
 # catalogue (BENCHMARKS.md); written once: these functions and TrainConfig's fields default to them.
@@ -23,6 +25,11 @@ DEFAULT_GAMMA = 0.1
 DEFAULT_MARGIN = 0.5  # zeta, on cosine distances
 DEFAULT_MARGIN_RULE = "and"  # Eq. 10 as printed
 DEFAULT_GRAPH_PAIRS = "cross"  # image-text pairs
+# The instance-level term (not in the paper; BENCHMARKS.md, round 8): delta 0 is the paper's loss.
+DEFAULT_DELTA = 0.0  # off: 0.3 was best on the real catalogue's val split but hurts small catalogues (README)
+DEFAULT_INSTANCE_LOSS = "infonce"  # the hinge with the hardest negative did not learn instances on val
+DEFAULT_TEMPERATURE = 0.05  # InfoNCE's fixed temperature (0.05 beat 0.1 on val)
+DEFAULT_INSTANCE_MARGIN = 0.2  # the hinge's margin, on cosine similarities
 
 
 def cosine_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -139,14 +146,52 @@ def gap_loss(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     return metrics.cross_modal_gap(image_emb, text_emb)
 
 
+def instance_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, groups: torch.Tensor,
+                  temperature: float = DEFAULT_TEMPERATURE, kind: str = DEFAULT_INSTANCE_LOSS,
+                  margin: float = DEFAULT_INSTANCE_MARGIN) -> torch.Tensor:
+    """Instance-level alignment (not in the paper): each item's image embedding against its own text
+    and the other texts of the batch, and each text against its own image and the other images.
+
+    image_emb, text_emb: (B, D), L2-normalised, row i of each is item i; groups: (B,) int64 item
+    groups (`batches.item_groups`: the same title, an identical image): items of one group are not
+    negatives of each other, so only pairs i, j with groups[i] != groups[j] push apart. With
+    s_ij = cos(image_i, text_j):
+
+    * "infonce" (symmetric InfoNCE with a fixed `temperature` tau): the mean over both directions
+      and all i of -log( exp(s_ii/tau) / (exp(s_ii/tau) + sum_{j: other group} exp(s_ij/tau)) );
+    * "hinge" (VSE++'s hardest negative, mean over i):
+      [margin - s_ii + max_{j: other group} s_ij]_+ + [margin - s_ii + max_{j: other group} s_ji]_+.
+
+    An item with no negative in the batch contributes 0. Always evaluated in the embeddings' dtype.
+    """
+    if kind not in INSTANCE_LOSSES:
+        raise HuseError(f"unknown instance loss {kind!r}; choose one of {', '.join(INSTANCE_LOSSES)}")
+    with torch.autocast(device_type=image_emb.device.type, enabled=False):
+        sim = image_emb @ text_emb.T  # (B, B) s_ij: row i = image i, column j = text j
+        negative = groups[:, None] != groups[None, :]  # (B, B) j pushes i away (symmetric)
+        if kind == "infonce":
+            keep = negative | torch.eye(len(groups), dtype=torch.bool, device=sim.device)  # (B, B) own pair + negatives
+            logits = (sim / temperature).masked_fill(~keep, -torch.inf)  # (B, B)
+            own = torch.arange(len(groups), device=sim.device)
+            return (F.cross_entropy(logits, own) + F.cross_entropy(logits.T, own)) / 2
+        hardest = sim.masked_fill(~negative, -torch.inf)  # (B, B); a row without negatives: all -inf, clamps to 0
+        to_text = (margin - sim.diagonal() + hardest.max(dim=1).values).clamp_min(0)  # (B,) image i -> texts
+        to_image = (margin - sim.diagonal() + hardest.max(dim=0).values).clamp_min(0)  # (B,) text i -> images
+        return (to_text + to_image).mean()
+
+
 def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: torch.Tensor,
               text_logits: torch.Tensor, labels: torch.Tensor, class_dist: torch.Tensor | None, *,
               alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA, gamma: float = DEFAULT_GAMMA,
               margin: float = DEFAULT_MARGIN, margin_rule: str = DEFAULT_MARGIN_RULE,
-              pairs: str = DEFAULT_GRAPH_PAIRS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total loss (Eq. 5) and its parts {"class", "graph", "gap"} (unweighted) for logging.
+              pairs: str = DEFAULT_GRAPH_PAIRS, delta: float = DEFAULT_DELTA, groups: torch.Tensor | None = None,
+              temperature: float = DEFAULT_TEMPERATURE, instance_kind: str = DEFAULT_INSTANCE_LOSS,
+              instance_margin: float = DEFAULT_INSTANCE_MARGIN) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total loss (Eq. 5, plus delta * L_inst) and its parts {"class", "graph", "gap", "inst"}
+    (unweighted) for logging.
 
-    Shapes as in the parts: embeddings (B, D) L2-normalised, logits (B, C), labels (B,), class_dist (C, C).
+    Shapes as in the parts: embeddings (B, D) L2-normalised, logits (B, C), labels (B,), class_dist (C, C),
+    groups (B,) the items' groups for `instance_loss` (None: every item its own). delta 0 is the paper's loss.
     A part whose weight is 0 is still reported but computed without a graph (no backward cost);
     without a semantic graph (class_dist None, allowed only at beta 0) there is no "graph" part.
     """
@@ -162,7 +207,10 @@ def huse_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_logits: tor
     if class_dist is not None:
         parts["graph"] = part(beta, graph_loss, image_emb, text_emb, labels, class_dist, margin, margin_rule, pairs)
     parts["gap"] = part(gamma, gap_loss, image_emb, text_emb)
+    if groups is None:
+        groups = torch.arange(labels.shape[0], device=labels.device)
+    parts["inst"] = part(delta, instance_loss, image_emb, text_emb, groups, temperature, instance_kind, instance_margin)
     total = alpha * parts["class"]
     if "graph" in parts:
         total = total + beta * parts["graph"]
-    return total + gamma * parts["gap"], parts
+    return total + gamma * parts["gap"] + delta * parts["inst"], parts

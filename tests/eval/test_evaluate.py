@@ -388,3 +388,113 @@ def test_eval_config_refuses_unknown_choices():
         EvalConfig(similarity="float16")
     with pytest.raises(HuseError, match="max_queries"):
         EvalConfig(max_queries=-1)
+
+
+# ------------------------------------------------------------------- attribute-aware search (issue 21)
+
+from huse_pipeline.train.model import load_checkpoint, model_from_checkpoint  # noqa: E402
+
+
+class _FakeTextEncoder:
+    """Deterministic 10-d features per query string (the fixture's text dimension)."""
+
+    max_tokens, dim = 32, 10
+
+    def count_tokens(self, texts):
+        return [len(t.split()) for t in texts]
+
+    def encode(self, texts, batch_size=256):
+        return np.stack([np.random.default_rng(sum(map(ord, t))).normal(size=self.dim) for t in texts]).astype(np.float32)
+
+
+COLOURS = ["Red", "Navy Blue", "Red", ""]  # by item position; "" = no colour
+
+
+def _write_attributes(paths: dict[str, Path]) -> tuple[Path, features.FeatureSet]:
+    """An attributes CSV for the fixture: colours by position, items without one, a row of no item."""
+    fs = features.read_features(paths["features"])
+    rows = [f"{p},{i},{COLOURS[i % 4]}" for i, p in enumerate(fs.image_path)] + ["images/absent.png,999,Green"]
+    csv = paths["root"] / "attributes.csv"
+    csv.write_text("image,id,baseColour\n" + "\n".join(rows) + "\n")
+    return csv, fs
+
+
+def test_attribute_queries_and_measure_match_a_plain_loop(fixture_paths):
+    csv, fs = _write_attributes(fixture_paths)
+    items = fs.indices("test")
+    queries = evaluate_module.attribute_queries(fs, items, csv, encoder=_FakeTextEncoder(), min_items=2)
+    # the queries are exactly the (colour, class) pairs with >= 2 test items, named "<colour> <leaf>"
+    colour_of = {p: COLOURS[i % 4] or None for i, p in enumerate(fs.image_path)}
+    counts: dict[tuple[str, int], int] = {}
+    for i in items:
+        if colour_of[fs.image_path[i]]:
+            key = (colour_of[fs.image_path[i]], int(fs.labels[i]))
+            counts[key] = counts.get(key, 0) + 1
+    expected = sorted(f"{c} {fs.class_names[y].split('<')[-1]}" for (c, y), n in counts.items() if n >= 2)
+    assert sorted(queries.text) == expected and len(expected) > 0
+    assert (queries.item_colour == -1).sum() == sum(1 for i in items if colour_of[fs.image_path[i]] is None)
+    # the same queries from the file read in blocks
+    with features.open_features(fixture_paths["features"]) as ff:
+        again = evaluate_module.attribute_queries(ff, items, csv, encoder=_FakeTextEncoder(), min_items=2)
+    assert again.text == queries.text and np.array_equal(again.item_colour, queries.item_colour)
+
+    model = model_from_checkpoint(load_checkpoint(fixture_paths["checkpoint"]), torch.device("cpu"))
+    out = evaluate_module.split_outputs(model, model, fs, items, torch.device("cpu"), 64)
+    cfg = _cfg(fixture_paths, gallery_chunk=4)  # several gallery blocks
+    got = evaluate_module.attribute_metrics(model, queries, out, cfg, k=3)
+    both = cls_only = colour_only = 0.0
+    with torch.no_grad():
+        q = model.embed_text(torch.from_numpy(queries.features))
+    for row in range(len(queries.text)):
+        scores = [float(q[row].double() @ out.image_emb[j].double()) for j in range(len(items))]
+        top = sorted(range(len(items)), key=lambda j: (-scores[j], j))[:3]
+        want_colour, want_label = queries.colours[queries.colour[row]], queries.label[row]
+        colour = [colour_of[fs.image_path[items[j]]] == want_colour for j in top]
+        label = [fs.labels[items[j]] == want_label for j in top]
+        both += sum(c and y for c, y in zip(colour, label)) / 3
+        cls_only += sum(label) / 3
+        colour_only += sum(colour) / 3
+    n = len(queries.text)
+    assert got["attr/colour_class@3"] == pytest.approx(both / n)
+    assert got["attr/class@3"] == pytest.approx(cls_only / n)
+    assert got["attr/colour@3"] == pytest.approx(colour_only / n)
+    assert got["attr/n_queries"] == n
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_queries": 11, "gallery_chunk": 4, "batch_size": 4, "block_rows": 9}])
+def test_eval_with_attributes_resident_and_streamed_alike(fixture_paths, monkeypatch, tmp_path, kw):
+    csv, _ = _write_attributes(fixture_paths)
+    monkeypatch.setattr(evaluate_module, "load_text_encoder", lambda name, device="cpu": _FakeTextEncoder())
+    resident = evaluate(_cfg(fixture_paths, attributes=str(csv), out=str(tmp_path / "r.json"), data="resident", **kw))
+    streamed = evaluate(_cfg(fixture_paths, attributes=str(csv), out=str(tmp_path / "s.json"), data="stream", **kw))
+    keys = {"attr/colour_class@10", "attr/class@10", "attr/colour@10", "attr/n_queries"}
+    assert keys <= set(resident) and set(resident) == set(CONTRACT_KEYS) | set(META_KEYS) | keys
+    assert _drop_how(resident) == _drop_how(streamed)
+    assert 0 <= resident["attr/colour_class@10"] <= resident["attr/class@10"] <= 1
+    assert resident["attr/n_queries"] > 0
+    assert "attribute search" in format_table(resident)
+
+
+def test_eval_attributes_refuses_a_csv_without_the_columns_or_the_items(fixture_paths, monkeypatch, tmp_path):
+    monkeypatch.setattr(evaluate_module, "load_text_encoder", lambda name, device="cpu": _FakeTextEncoder())
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,colour\nx.png,Red\n")
+    with pytest.raises(HuseError, match="baseColour"):
+        evaluate(_cfg(fixture_paths, attributes=str(bad), out=str(tmp_path / "e.json")))
+    other = tmp_path / "other.csv"
+    other.write_text("image,baseColour\nnot/an/item.png,Red\n")
+    with pytest.raises(HuseError, match="image paths"):
+        evaluate(_cfg(fixture_paths, attributes=str(other), out=str(tmp_path / "e.json")))
+
+
+def test_cli_eval_attributes(fixture_paths, monkeypatch, tmp_path):
+    import cli
+
+    csv, _ = _write_attributes(fixture_paths)
+    monkeypatch.setattr(evaluate_module, "load_text_encoder", lambda name, device="cpu": _FakeTextEncoder())
+    result = CliRunner().invoke(cli.main, ["eval", "--run", str(fixture_paths["run"]), "--features",
+                                           str(fixture_paths["features"]), "--attributes", str(csv),
+                                           "--out", str(tmp_path / "c.json"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "attribute search" in result.output
+    assert "attr/colour_class@10" in json.loads((tmp_path / "c.json").read_text())

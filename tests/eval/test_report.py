@@ -203,8 +203,8 @@ def test_training_curves_are_readable(epochs):
     fig = training_curves(_history(epochs), mark_epoch=max(1, epochs // 2), mark_label="best")
     fig.canvas.draw()
     *panels, key = fig.axes
-    assert len(panels) == 5 and not key.axison
-    assert fig.get_size_inches()[0] * fig.dpi / 3 >= 400  # three panels a row, each >= 400 px wide
+    assert len(panels) == 6 and not key.axison  # total, L_class, L_graph, L_gap, L_inst, accuracy
+    assert fig.get_size_inches()[0] * fig.dpi / 4 >= 400  # four panels a row, each >= 400 px wide
     for ax in panels:
         assert ax.get_legend() is None  # no legend over a curve
         lo, hi = ax.get_xlim()

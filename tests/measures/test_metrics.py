@@ -310,3 +310,17 @@ def test_centroid_fidelity():
     flat = Hierarchy(tuple("abcde")).tree_distance()
     assert metrics.centroid_fidelity(centroids, present, flat) is None  # constant tree distances
     assert metrics.centroid_fidelity(centroids, torch.tensor([True, True, False, False, False]), target) is None
+
+
+def test_attribute_search_by_hand():
+    """Two queries, top 3 each: the shares of items matching both attributes, the class, the colour."""
+    item_colour = torch.tensor([0, 1, 0, -1, 1])
+    item_label = torch.tensor([2, 2, 5, 2, 2])
+    ranked = torch.tensor([[0, 1, 2], [4, 3, 0]])  # query 0: colour 0 class 2; query 1: colour 1 class 2
+    out = metrics.attribute_search(ranked, torch.tensor([0, 1]), torch.tensor([2, 2]), item_colour, item_label)
+    # query 0: both {0}, class {0, 1}, colour {0, 2}; query 1: both {4}, class {4, 3, 0}, colour {4}
+    assert out == pytest.approx({"colour_class@3": (1 / 3 + 1 / 3) / 2, "class@3": (2 / 3 + 1) / 2,
+                                 "colour@3": (2 / 3 + 1 / 3) / 2})
+    # an unknown colour (-1) never matches, even a query for colour -1
+    none = metrics.attribute_search(torch.tensor([[3]]), torch.tensor([-1]), torch.tensor([2]), item_colour, item_label)
+    assert none["colour@1"] == 0.0 and none["class@1"] == 1.0

@@ -206,7 +206,9 @@ def test_a_second_source_trains_through_fit_unchanged(tmp_path):
         made.append(ArraySource(fs_, device))
         return made[-1]
 
-    cfg = small(epochs=3, use_views=False)
+    # the paper's loss: this synthetic data has no instance signal shared by an item's image and text (their
+    # noise is independent), so the instance term would only slow the classes down in three epochs
+    cfg = small(epochs=3, use_views=False, delta=0.0)
     model, history = fit(fs, cfg, tmp_path / "run", make_source=make_array_source)
     assert isinstance(made[0], BatchSource) and made[0].epochs_read == 3
     assert [r["epoch"] for r in history] == [1, 2, 3] and (tmp_path / "run" / "best.pt").is_file()
@@ -217,7 +219,7 @@ def test_a_second_source_trains_through_fit_unchanged(tmp_path):
     strip = [[{k: v for k, v in r.items() if k != "time_s"} for r in h] for h in (history, resident_history)]
     assert strip[0] == strip[1]
     # and it is really the source that was read: with views the resident run differs
-    assert not states_equal(model.state_dict(), fit(fs, small(epochs=3))[0].state_dict())
+    assert not states_equal(model.state_dict(), fit(fs, small(epochs=3, delta=0.0))[0].state_dict())
 
 
 # ------------------------------------------------------------------ the streaming source (issue 18)
@@ -384,3 +386,86 @@ def test_input_stats_of_a_large_split_go_by_columns_with_the_same_values(monkeyp
     monkeypatch.setattr(batches_module, "STATS_EXACT_BYTES", 400 * 70 * 8)  # blocks of 70 columns, last wider
     got = batches_module._input_stats(feats, idx)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------- item groups (the instance loss's negatives)
+
+from huse_pipeline.train.batches import groups_from_keys, item_groups  # noqa: E402
+from huse_pipeline.train.loop import _loss  # noqa: E402
+
+
+def test_groups_join_items_sharing_any_key_transitively():
+    title = np.array([5, 5, 7, 8, 9, 9, 3], dtype=np.uint64)  # 0-1 and 4-5 share a title
+    image = np.array([1, 2, 2, 4, 6, 7, 8], dtype=np.uint64)  # 1-2 share an image: 0, 1, 2 are one group
+    groups = groups_from_keys(title, image)
+    assert groups.tolist() == [0, 0, 0, 1, 2, 2, 3]  # numbered by first item
+    assert groups.dtype == np.int64
+    assert groups_from_keys(np.arange(4, dtype=np.uint64), np.arange(4, dtype=np.uint64)).tolist() == [0, 1, 2, 3]
+    assert groups_from_keys(np.zeros(0, np.uint64)).tolist() == []
+
+
+def write_duplicates(path):
+    """17 items: item 4's title is item 1's (another class: still one group), item 9's image features
+    are item 2's bit for bit, item 12's differ from item 2's by one ulp; item 13 repeats item 4's
+    title, so 1, 4 and 13 are one group; every other item its own."""
+    rng = np.random.default_rng(3)
+    n = 17
+    image = rng.normal(size=(n, DI)).astype(np.float32)
+    text = rng.normal(size=(n, DT)).astype(np.float32)
+    titles = [f"title {i}" for i in range(n)]
+    titles[4] = titles[13] = titles[1]
+    image[9] = image[2]
+    image[12] = np.nextafter(image[2], np.float32(np.inf))
+    split = ["val" if i % 4 == 0 else "train" for i in range(n)]
+    features.write_synthetic(path, image, text, [f"c<{i % 3}" for i in range(n)], split, text=titles)
+    return path
+
+
+def test_item_groups_of_a_file_same_title_and_duplicate_images(tmp_path):
+    path = write_duplicates(tmp_path / "dup.h5")
+    fs = features.read_features(path)
+    groups = item_groups(fs)
+    assert groups[1] == groups[4] == groups[13] and groups[2] == groups[9]
+    assert len(set(groups.tolist())) == 17 - 3
+    assert groups[12] != groups[2]  # one ulp apart is not a duplicate
+    with features.open_features(path) as ff:  # the streaming pass gives the same keys and groups
+        keys, file_keys = features.item_keys(fs), features.item_keys(ff)
+        assert all(np.array_equal(a, b) for a, b in zip(keys, file_keys))
+        assert np.array_equal(item_groups(ff), groups)
+
+
+@pytest.mark.parametrize("mode", ["resident", "stream"])
+def test_both_sources_deliver_each_items_group_with_every_batch(tmp_path, mode):
+    path = write_duplicates(tmp_path / "dup.h5")
+    fs = features.read_features(path)
+    groups = item_groups(fs)
+    with features.open_features(path) as ff:
+        cfg = small(stream_block_rows=4, stream_buffer_mb=1)
+        source = (ResidentSource.from_features(fs, cfg, torch.device("cpu")) if mode == "resident"
+                  else StreamingSource(ff, cfg, torch.device("cpu")))
+        # the text features name no item here: find each batch row's item by its text row
+        item_of = {tuple(fs.text_emb[i].tolist()): i for i in range(len(fs.labels))}
+        gen = torch.Generator().manual_seed(0)
+        batches = [*source.train_batches(5, gen), *source.val_batches(3)]
+        seen = []
+        for batch in batches:
+            items = [item_of[tuple(row)] for row in batch.text.tolist()]
+            assert batch.groups is not None and batch.groups.dtype == torch.int64
+            assert batch.groups.tolist() == groups[items].tolist()
+            seen += items
+        assert sorted(seen) == sorted(fs.indices("train").tolist() + fs.indices("val").tolist())
+
+
+def test_the_loss_reads_the_batch_groups():
+    """A batch whose items are all one group has no negatives: its instance part is exactly 0; the
+    same batch with every item its own group is not."""
+    source = numbered_source(views=False)
+    batch = source.batch(source.train_idx[:6])
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=1)
+    out = {"image_emb": emb, "text_emb": emb.flip(0), "image_logits": torch.randn(6, 4, generator=g),
+           "text_logits": torch.randn(6, 4, generator=g)}
+    _, parts = _loss(out, batch.labels, None, small(delta=1.0, beta=0.0), torch.zeros(6, dtype=torch.int64))
+    assert float(parts["inst"]) == 0.0
+    _, parts = _loss(out, batch.labels, None, small(delta=1.0, beta=0.0), torch.arange(6))
+    assert float(parts["inst"]) > 0.0

@@ -16,7 +16,7 @@ from huse_pipeline.errors import HuseError
 from huse_pipeline.measures import metrics
 from huse_pipeline.train import losses
 from huse_pipeline.train.config import TrainConfig
-from huse_pipeline.train.losses import classification_loss, gap_loss, graph_loss, huse_loss
+from huse_pipeline.train.losses import classification_loss, gap_loss, graph_loss, huse_loss, instance_loss
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
@@ -48,6 +48,28 @@ def ref_graph(image, text, labels, class_dist, margin, rule, pairs):
 def ref_gap(image, text):
     n = len(image)
     return sum(1.0 - sum(image[i][k] * text[i][k] for k in range(len(image[i]))) for i in range(n)) / n
+
+
+def ref_instance(image, text, groups, temperature, kind, margin):
+    """The instance loss as loops: each query (image i against the texts, text i against the images)
+    scores its own pair against the items of other groups, one similarity at a time."""
+    n = len(groups)
+
+    def s(i, j):  # cosine similarity of image i and text j (unit vectors)
+        return sum(image[i][k] * text[j][k] for k in range(len(image[i])))
+
+    total = (image[0][0] + text[0][0]) * 0.0  # on the graph of both, even when nothing is added
+    for i in range(n):
+        negatives = [j for j in range(n) if int(groups[j]) != int(groups[i])]
+        for sim in (lambda a, b: s(a, b), lambda a, b: s(b, a)):  # image -> texts, then text -> images
+            own = sim(i, i)
+            if kind == "infonce":
+                denominator = torch.exp(own / temperature) + sum(torch.exp(sim(i, j) / temperature) for j in negatives)
+                total = total - (own / temperature - torch.log(denominator)) / 2
+            elif negatives:
+                hardest = max((sim(i, j) for j in negatives), key=lambda v: float(v.detach()))
+                total = total + torch.clamp(margin - own + hardest, min=0)
+    return total / n
 
 
 def ref_class(image_logits, text_logits, labels):
@@ -148,7 +170,9 @@ def test_total_loss_is_the_weighted_sum_of_the_references(dtype):
     image, text, labels, class_dist = make_batch(dtype)
     g = torch.Generator().manual_seed(2)
     w = torch.randn(image.shape[1], 4, generator=g, dtype=torch.float64).to(dtype)
-    kw = dict(alpha=0.7, beta=3.0, gamma=0.4, margin=0.8, margin_rule="or", pairs="all")
+    groups = torch.tensor([0, 1, 1, 2, 3, 4])
+    kw = dict(alpha=0.7, beta=3.0, gamma=0.4, margin=0.8, margin_rule="or", pairs="all", delta=0.6, groups=groups,
+              temperature=0.3)
 
     def ours(i, t):
         return huse_loss(i, t, i @ w, t @ w, labels, class_dist, **kw)[0]
@@ -156,7 +180,7 @@ def test_total_loss_is_the_weighted_sum_of_the_references(dtype):
     def ref(i, t):
         wd = w.double()
         return (0.7 * ref_class(i @ wd, t @ wd, labels) + 3.0 * ref_graph(i, t, labels, class_dist.double(), 0.8, "or", "all")
-                + 0.4 * ref_gap(i, t))
+                + 0.4 * ref_gap(i, t) + 0.6 * ref_instance(i, t, groups, 0.3, "infonce", 0.2))
 
     val, grads = value_and_grads(ours, image, text)
     ref_val, ref_grads = value_and_grads(ref, image.double(), text.double())
@@ -164,17 +188,84 @@ def test_total_loss_is_the_weighted_sum_of_the_references(dtype):
     for g_, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g_.double(), rg, **TOL[dtype])
     _, parts = huse_loss(image, text, image @ w, text @ w, labels, class_dist, **kw)
-    assert set(parts) == {"class", "graph", "gap"} and all(p.dim() == 0 for p in parts.values())
+    assert set(parts) == {"class", "graph", "gap", "inst"} and all(p.dim() == 0 for p in parts.values())
 
 
 def test_zero_weight_part_is_reported_but_not_differentiated():
     image, text, labels, class_dist = make_batch(torch.float64)
     image.requires_grad_(True)
     total, parts = huse_loss(image, text, image[:, :4], text[:, :4], labels, class_dist, beta=0.0, gamma=1.0,
-                             margin=0.8)
+                             margin=0.8, delta=0.0)
     assert not parts["graph"].requires_grad and parts["graph"] > 0
     torch.testing.assert_close(parts["graph"], graph_loss(image, text, labels, class_dist, 0.8).detach())
+    assert not parts["inst"].requires_grad and parts["inst"] > 0  # delta 0: the paper's loss, the term only logged
     torch.testing.assert_close(total, parts["class"] + parts["gap"])
+
+
+# ------------------------------------------------------------------------------- instance loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["infonce", "hinge"])
+@pytest.mark.parametrize("groups", [[0, 1, 2, 3, 4, 5], [0, 1, 1, 2, 3, 1], [7, 7, 7, 7, 7, 7]])
+def test_instance_loss_matches_loop(dtype, kind, groups):
+    """Values and gradients against the loops: every item its own group; a group of three (a shared
+    title: not negatives of each other); one group (no negatives at all: zero)."""
+    image, text, _, _ = make_batch(dtype)
+    groups = torch.tensor(groups)
+    val, grads = value_and_grads(lambda i, t: instance_loss(i, t, groups, 0.3, kind, 0.5), image, text)
+    ref_val, ref_grads = value_and_grads(lambda i, t: ref_instance(i, t, groups, 0.3, kind, 0.5),
+                                         image.double(), text.double())
+    assert val.dtype == dtype and val.dim() == 0
+    torch.testing.assert_close(val.double(), ref_val, **TOL[dtype])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, **TOL[dtype])
+    if len(set(groups.tolist())) == 1:
+        assert float(val) == 0.0
+
+
+def test_instance_loss_masks_the_group_pairs_and_only_them():
+    """Items 1 and 2 are exact duplicates (image = text = e1, one group); items 0 and 3 are e0 and e2.
+    Masked, item 1's only negatives are items 0 and 3 (similarity 0); unmasked, item 2 would be a
+    negative at similarity 1, the value of its own pair. Known answers by construction, both ways."""
+    emb = torch.eye(3, dtype=torch.float64)[[0, 1, 1, 2]]  # (4, 3)
+    groups = torch.tensor([0, 1, 1, 2])
+    tau, x = 0.5, math.exp(-2.0)  # x = e^{-1/tau}: the share of a negative at similarity 0
+    masked = instance_loss(emb, emb, groups, tau, "infonce")
+    # items 0 and 3: three negatives at 0; items 1 and 2: two negatives at 0 (the duplicate is masked)
+    torch.testing.assert_close(masked, torch.tensor((2 * math.log(1 + 3 * x) + 2 * math.log(1 + 2 * x)) / 4,
+                                                    dtype=torch.float64))
+    unmasked = instance_loss(emb, emb, torch.arange(4), tau, "infonce")
+    # items 1 and 2 now also have a negative at similarity 1: a term e^{1/tau}, as large as their own
+    torch.testing.assert_close(unmasked, torch.tensor((2 * math.log(1 + 3 * x) + 2 * math.log(2 + 2 * x)) / 4,
+                                                      dtype=torch.float64))
+    # the hinge: masked, every hardest negative is at 0 (no loss below margin 1); unmasked, items 1 and 2
+    # meet their duplicate at 1: margin - 1 + 1 in each direction
+    assert float(instance_loss(emb, emb, groups, kind="hinge", margin=0.2)) == 0.0
+    torch.testing.assert_close(instance_loss(emb, emb, torch.arange(4), kind="hinge", margin=0.2),
+                               torch.tensor(2 * 2 * 0.2 / 4, dtype=torch.float64))
+
+
+def test_instance_loss_known_answers():
+    """Aligned, orthogonal items: InfoNCE = log(1 + (B-1) e^{-1/tau}); the hinge is 0 below margin 1
+    and 2 (margin - 1) above it; a batch whose other items are all of its group contributes 0."""
+    b = 4
+    emb = torch.eye(b, dtype=torch.float64)
+    groups = torch.arange(b)
+    torch.testing.assert_close(instance_loss(emb, emb, groups, 0.5, "infonce"),
+                               torch.tensor(math.log(1 + (b - 1) * math.exp(-2.0)), dtype=torch.float64))
+    assert float(instance_loss(emb, emb, groups, kind="hinge", margin=0.2)) == 0.0
+    torch.testing.assert_close(instance_loss(emb, emb, groups, kind="hinge", margin=1.5),
+                               torch.tensor(1.0, dtype=torch.float64))
+    # two groups of two: each item has 2 negatives, not 3
+    torch.testing.assert_close(instance_loss(emb, emb, torch.tensor([0, 0, 1, 1]), 0.5, "infonce"),
+                               torch.tensor(math.log(1 + 2 * math.exp(-2.0)), dtype=torch.float64))
+
+
+def test_instance_loss_bad_kind_is_a_clear_error():
+    image, text, _, _ = make_batch(torch.float64)
+    with pytest.raises(HuseError, match="infonce"):
+        instance_loss(image, text, torch.arange(6), kind="triplet")
 
 
 def test_losses_of_raw_vectors_through_normalize_match_true_cosine():
@@ -286,18 +377,21 @@ def test_bad_rule_or_pool_is_a_clear_error():
 
 # keyword of the library losses -> the TrainConfig field `huse train` passes to it
 LOSS_FIELDS = {"alpha": "alpha", "beta": "beta", "gamma": "gamma", "margin": "zeta", "margin_rule": "margin_rule",
-               "pairs": "graph_pairs"}
+               "pairs": "graph_pairs", "delta": "delta", "temperature": "temperature",
+               "instance_kind": "instance_loss", "instance_margin": "instance_margin"}
+NOT_SETTINGS = {"groups"}  # a keyword with a default that is data, not a training setting
 
 
 def test_library_loss_defaults_are_the_training_defaults():
     train_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for fn in (huse_loss, graph_loss):
+    instance_kw = {"temperature": "temperature", "kind": "instance_loss", "margin": "instance_margin"}
+    for fn, names in ((huse_loss, LOSS_FIELDS), (graph_loss, LOSS_FIELDS), (instance_loss, instance_kw)):
         params = inspect.signature(fn).parameters
-        for kw, field in LOSS_FIELDS.items():
+        for kw, field in names.items():
             if kw in params and params[kw].default is not inspect.Parameter.empty:
                 assert params[kw].default == train_defaults[field], (fn.__name__, kw)
     defaulted = {k for k, p in inspect.signature(huse_loss).parameters.items() if p.default is not p.empty}
-    assert defaulted == set(LOSS_FIELDS)  # every keyword is checked
+    assert defaulted == set(LOSS_FIELDS) | NOT_SETTINGS  # every keyword is checked
     # and in effect: the defaults give the loss of the default training run
     image, text, labels, class_dist = make_batch(torch.float64)
     w = torch.randn(image.shape[1], 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

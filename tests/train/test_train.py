@@ -66,7 +66,7 @@ def test_training_lowers_every_loss_part_and_beats_chance(feats, tmp_path, monke
     fs = features.read_features(feats, views=True)
     model, history = fit(fs, small(epochs=12, gamma=0.5))
     first, last = history[0], history[-1]
-    for part in ("train/loss", "train/class", "train/graph", "train/gap"):
+    for part in ("train/loss", "train/class", "train/graph", "train/gap", "train/inst"):
         assert last[part] < first[part], part
     chance = 1 / len(CLASSES)
     for m in ("image", "text", "fused"):
@@ -377,7 +377,7 @@ def test_train_config_builds_on_the_tower_settings_once():
             "relu_before_norm"} == set(towers)
     own = TrainConfig.__dict__["__annotations__"]
     assert set(own) & set(towers) == {"image_input_dropout"}  # not repeated by hand
-    assert fields_added_later(TrainConfig) == {"image_input_dropout": 0.0}
+    assert fields_added_later(TrainConfig) == {"image_input_dropout": 0.0, "delta": 0.0}
     assert TrainConfig().image_input_dropout == 0.3  # training's default, chosen on val
     assert ModelConfig(image_dim=1, text_dim=1, num_classes=1).image_input_dropout == 0.0  # the model's: off
     # every tower field reaches the model, with the run's value
@@ -394,7 +394,8 @@ def test_train_config_builds_on_the_tower_settings_once():
         "schedule", "alpha", "beta", "gamma", "zeta", "margin_rule", "graph_pairs", "embed_dim", "hidden_dim",
         "image_layers", "text_layers", "dropout", "image_input_dropout", "relu_before_norm", "input_norm", "use_views",
         "select", "patience", "eval_every", "seed", "device", "amp",
-        "data", "stream_buffer_mb", "stream_block_rows", "val_sample"}  # issue 18: where the items live, val sample
+        "data", "stream_buffer_mb", "stream_block_rows", "val_sample",  # issue 18: where the items live, val sample
+        "delta", "instance_loss", "temperature", "instance_margin"}  # issue 21: the instance-level term
     assert TrainConfig.from_saved(saved) == TrainConfig()
 
 
