@@ -1,20 +1,24 @@
 """Stage two and evaluation at scale (issue 18), in one run:
 
-    nice -n 10 python bench/bench_scale.py --out /tmp/huse_scale
+    nice -n 10 python bench/bench_scale.py --out /tmp/huse_scale [--reuse-files] [--keep]
 
 1. Writes synthetic feature files of the real dimensions (image 4,160 = EfficientNet-Lite0+Lite2
    `avg+mid`, text 384 = MiniLM; float32) and class structure (64 classes in three levels, class
    sizes skewed like a catalogue's: share of the r-th largest ~ r^-1.1; split 80/10/10), at 100,000
    and 1,000,000 items, a block at a time (`features.write_synthetic_blocks`), with a tree graph.
-2. Peak RSS (the child's ru_maxrss, os.wait4), wall and CPU time of one `huse train --epochs 1`
-   epoch for each size with `--data stream`, and at 100 k also `--data resident`.
+2. Peak RSS (ru_maxrss of the command alone: os.wait4 in a small launcher process, see `measure`),
+   wall and CPU time of one `huse train --epochs 1` epoch for each size with `--data stream`, and at
+   100 k also `--data resident` (`--large-steps N`: only the first N steps of the 1 M epoch, then
+   validation, where a whole epoch takes too long).
 3. Items/s of the training loop fed by the streaming source against the resident one at 100 k:
    the same loop (`loop._train_epoch`, the default model and optimiser) for a fixed number of
    steps, the two sources interleaved in one process (the machine is shared: interleaving exposes
-   both to the same load).
+   both to the same load); and the streaming source alone, without a model (what one reader thread
+   could feed a faster device).
 4. Time and peak RSS of `huse eval --max-queries 20000 --data stream` over a split of 1,000,000
    items (a second file: 1 M test items and 50 k val items; the 1 M training file is deleted first
-   unless --keep, to bound the disk used), with the 1 M run's checkpoint.
+   unless --keep, to bound the disk used), with the 1 M run's checkpoint; `--eval-only RUN` runs this
+   part alone with RUN's checkpoint (any run of (2): the cost does not depend on which).
 
 Every figure is printed as measured; the load average is printed beside each, since other jobs
 share the machine. The summary is also written to OUT/summary.json.
@@ -86,31 +90,50 @@ def write_file(path: Path, n: int, seed: int, split_p: dict[str, float]) -> floa
     return time.perf_counter() - t0
 
 
+# Runs the command and writes its rusage. A child's ru_maxrss starts from the RSS of the process it
+# was forked from (Linux keeps the high-water mark across fork and exec), so the command is started
+# from this small launcher, not from the benchmark process, which holds hundreds of MB or more.
+LAUNCHER = """
+import json, os, subprocess, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+proc = subprocess.Popen(cmd)
+_, status, usage = os.wait4(proc.pid, 0)
+json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+           "cpu_s": usage.ru_utime + usage.ru_stime}, open(out, "w"))
+"""
+
+
 def measure(cmd: list[str], log: Path) -> dict:
-    """Run `cmd`; its wall time, CPU time and peak RSS (ru_maxrss of this child alone, os.wait4)."""
+    """Run `cmd`; its wall time, CPU time and peak RSS (ru_maxrss of the command alone, os.wait4 in a
+    small launcher process)."""
     load = os.getloadavg()[0]
+    usage_file = log.with_suffix(".rusage.json")
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        subprocess.run([sys.executable, "-c", LAUNCHER, str(usage_file), *cmd], stdout=fh, stderr=subprocess.STDOUT,
+                       check=False)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}:\n" + log.read_text()[-3000:])
-    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3), "load_before": round(load, 1),
+    usage = json.loads(usage_file.read_text())
+    if usage["code"] != 0:
+        sys.exit(f"failed ({usage['code']}): {' '.join(cmd)}; see {log}:\n" + log.read_text()[-3000:])
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage["cpu_s"], 1),
+            "peak_rss_gb": round(usage["maxrss_kb"] * 1024 / 1e9, 3), "load_before": round(load, 1),
             "load_after": round(os.getloadavg()[0], 1)}
 
 
-def train_run(features_path: Path, run: Path, mode: str) -> dict:
+def train_run(features_path: Path, run: Path, mode: str, steps: int | None = None) -> dict:
+    """One epoch of `huse train` (or its first `steps` steps, then validation on every val item, as at
+    an epoch's end), measured."""
     cmd = ["huse", "train", "--features", str(features_path), "--out", str(run), "--epochs", "1", "--data", mode,
-           "--device", "cpu"]
+           "--device", "cpu", *(["--steps", str(steps)] if steps else [])]
     res = measure(cmd, run.with_suffix(".log"))
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     config = json.loads((run / "config.json").read_text())
     n_train = config["items"]["train"]
-    res.update(epoch_s=round(row["time_s"], 1), n_train=n_train, items_per_s=round(n_train / row["time_s"], 1),
-               val_acc_mean=round(row["val/acc/mean"], 4), command=" ".join(cmd))
+    trained = min(n_train, steps * config["train"]["batch_size"]) if steps else n_train
+    res.update(epoch_s=round(row["time_s"], 1), n_train=n_train, n_trained=trained,
+               items_per_s=round(trained / row["time_s"], 1), val_acc_mean=round(row["val/acc/mean"], 4),
+               command=" ".join(cmd))
     return res
 
 
@@ -152,6 +175,55 @@ def loop_throughput(features_path: Path, steps: int, repeats: int) -> dict:
     return out
 
 
+def reader_rate(features_path: Path, repeats: int = 2) -> dict:
+    """Items/s of StreamingSource alone (no model): what one reader thread can feed a faster device."""
+    import torch
+
+    from huse_pipeline.store import features
+    from huse_pipeline.train.batches import StreamingSource
+    from huse_pipeline.train.config import make_config
+
+    cfg = make_config(device="cpu")
+    source = StreamingSource(features.open_features(features_path), cfg, torch.device("cpu"))
+    row_bytes = 4 * (source.image_dim + source.text_dim)
+    out = {}
+    for r in range(repeats):
+        t0, c0, n = time.perf_counter(), time.process_time(), 0
+        for batch in source.train_batches(cfg.batch_size, torch.Generator().manual_seed(r)):
+            n += len(batch)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out[f"repeat {r}"] = {"items_per_s": round(n / wall), "items_per_cpu_s": round(n / cpu)}
+        print(f"  repeat {r}: {n} items in {wall:.1f} s: {n / wall:.0f} items/s ({n * row_bytes / wall / 1e9:.2f} GB/s of "
+              f"float32 rows), CPU {cpu:.1f} s ({n / cpu:.0f} items per CPU-s), load {os.getloadavg()[0]:.1f}", flush=True)
+    return out
+
+
+def eval_run(run: Path, out: Path, n_items: int, max_queries: int, keep: bool) -> dict:
+    """(4): writes a file of `n_items` test and n_items / 20 val items, then times `huse eval
+    --max-queries --data stream` over its test split with `run`'s checkpoint."""
+    eval_path = out / f"eval_{n_items}.h5"
+    n_val = n_items // 20
+    t = write_file(eval_path, n_items + n_val, seed=7,
+                   split_p={"test": n_items / (n_items + n_val), "val": n_val / (n_items + n_val)})
+    print(f"wrote {eval_path} (~{n_items} test + ~{n_val} val items, {eval_path.stat().st_size / 1e9:.2f} GB) "
+          f"in {t:.0f} s", flush=True)
+    cmd = ["huse", "eval", "--run", str(run), "--features", str(eval_path), "--other-features",
+           "--max-queries", str(max_queries), "--data", "stream", "--device", "cpu", "--out", str(out / "eval.json")]
+    res = measure(cmd, out / "eval.log")
+    m = json.loads((out / "eval.json").read_text())
+    res.update(command=" ".join(cmd), n_items=m["meta/n_items"], n_queries=m["meta/n_queries"],
+               similarity=m["meta/similarity"], eval_time_s=m["meta/eval_time_s"],
+               pairs=4 * m["meta/n_items"] * m["meta/n_queries"])
+    print(f"(4) huse eval --max-queries {max_queries} over {m['meta/n_items']} items: wall {res['wall_s']:.0f} s "
+          f"({res['wall_s'] / 60:.1f} min; target < 15 min), peak RSS {res['peak_rss_gb']:.2f} GB (target < 4 GB), "
+          f"CPU {res['cpu_s']:.0f} s, similarity {res['similarity']}, load {res['load_before']}->{res['load_after']}; "
+          f"img2txt R@1 {m['img2txt/R@1']:.4f} MAP@R {m['img2txt/MAP@R']:.4f} acc/fused {m['acc/fused']:.4f}", flush=True)
+    print(f"    {res['cpu_s'] / res['pairs'] * 1e9:.3f} CPU ns per query-gallery pair and task", flush=True)
+    if not keep:
+        eval_path.unlink()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/huse_scale"))
@@ -162,6 +234,13 @@ def main() -> None:
     ap.add_argument("--loop-steps", type=int, default=120, help="training steps per source per repeat (items/s)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the feature files")
+    ap.add_argument("--loop-only", action="store_true", help="only (3), on the --small file")
+    ap.add_argument("--reuse-files", action="store_true", help="keep feature files already written in --out")
+    ap.add_argument("--large-steps", type=int, default=None, metavar="N",
+                    help="train the large file for its first N steps, then validate, instead of a whole epoch (the "
+                         "streamed peak RSS is set by the buffers, the streaming pass and validation, not the steps)")
+    ap.add_argument("--eval-only", type=Path, metavar="RUN",
+                    help="only (4), with this run's checkpoint (a run of (2): same classes and dimensions)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +250,15 @@ def main() -> None:
           f"GPU: {'yes' if torch.cuda.is_available() else 'none'}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load {os.getloadavg()[0]:.1f}; nice {os.nice(0)}", flush=True)
     summary: dict = {}
+    if args.eval_only:
+        summary["eval"] = eval_run(args.eval_only, out, args.eval_items, args.max_queries, args.keep)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return
     small, large = out / f"feats_{args.small}.h5", out / f"feats_{args.large}.h5"
-    for n, path in ((args.small, small), (args.large, large)):
+    for n, path in ((args.small, small),) if args.loop_only else ((args.small, small), (args.large, large)):
+        if (args.loop_only or args.reuse_files) and path.is_file():
+            print(f"reusing {path}", flush=True)
+            continue
         t = write_file(path, n, seed=n, split_p=SPLIT_P)
         print(f"wrote {path} ({n} items, {path.stat().st_size / 1e9:.2f} GB) in {t:.0f} s", flush=True)
 
@@ -180,6 +266,10 @@ def main() -> None:
     summary["loop"] = loop_throughput(small, args.loop_steps, args.repeats)
     print(f"    resident {summary['loop']['resident']} items/s, stream {summary['loop']['stream']} items/s, "
           f"ratio {summary['loop']['ratio']} (per repeat {summary['loop']['per_repeat_ratio']}; target >= 0.8)", flush=True)
+    print(f"(3b) the streaming source alone (no model) at {args.small} items:", flush=True)
+    summary["reader"] = reader_rate(small)
+    if args.loop_only:
+        return
 
     print("(2) one training epoch, `huse train --epochs 1` in a child process:", flush=True)
     runs = {}
@@ -188,7 +278,7 @@ def main() -> None:
         run = out / ("run_" + name.replace("/", "_"))
         shutil.rmtree(run, ignore_errors=True)
         runs[name] = run
-        summary[f"train {name}"] = res = train_run(path, run, mode)
+        summary[f"train {name}"] = res = train_run(path, run, mode, args.large_steps if path == large else None)
         print(f"    {name:18s} peak RSS {res['peak_rss_gb']:.2f} GB  wall {res['wall_s']:.0f} s (epoch {res['epoch_s']:.0f} s, "
               f"{res['items_per_s']:.0f} train items/s)  CPU {res['cpu_s']:.0f} s  val acc {res['val_acc_mean']}  "
               f"load {res['load_before']}->{res['load_after']}", flush=True)
@@ -198,28 +288,8 @@ def main() -> None:
 
     if not args.keep:
         large.unlink()
-    eval_path = out / f"eval_{args.eval_items}.h5"
-    n_val = args.eval_items // 20
-    t = write_file(eval_path, args.eval_items + n_val, seed=7,
-                   split_p={"test": args.eval_items / (args.eval_items + n_val), "val": n_val / (args.eval_items + n_val)})
-    print(f"wrote {eval_path} (~{args.eval_items} test + ~{n_val} val items, {eval_path.stat().st_size / 1e9:.2f} GB) "
-          f"in {t:.0f} s", flush=True)
-    cmd = ["huse", "eval", "--run", str(runs[f"{args.large}/stream"]), "--features", str(eval_path), "--other-features",
-           "--max-queries", str(args.max_queries), "--data", "stream", "--device", "cpu",
-           "--out", str(out / "eval.json")]
-    res = measure(cmd, out / "eval.log")
-    m = json.loads((out / "eval.json").read_text())
-    res.update(command=" ".join(cmd), n_items=m["meta/n_items"], n_queries=m["meta/n_queries"],
-               similarity=m["meta/similarity"], eval_time_s=m["meta/eval_time_s"],
-               pairs=4 * m["meta/n_items"] * m["meta/n_queries"])
-    summary["eval"] = res
-    print(f"(4) huse eval --max-queries {args.max_queries} over {m['meta/n_items']} items: wall {res['wall_s']:.0f} s "
-          f"({res['wall_s'] / 60:.1f} min; target < 15 min), peak RSS {res['peak_rss_gb']:.2f} GB (target < 4 GB), "
-          f"CPU {res['cpu_s']:.0f} s, similarity {res['similarity']}, load {res['load_before']}->{res['load_after']}; "
-          f"img2txt R@1 {m['img2txt/R@1']:.4f} MAP@R {m['img2txt/MAP@R']:.4f} acc/fused {m['acc/fused']:.4f}", flush=True)
-    print(f"    {res['cpu_s'] / res['pairs'] * 1e9:.3f} CPU ns per query-gallery pair and task", flush=True)
+    summary["eval"] = eval_run(runs[f"{args.large}/stream"], out, args.eval_items, args.max_queries, args.keep)
     if not args.keep:
-        eval_path.unlink()
         small.unlink()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary: {out / 'summary.json'}")
