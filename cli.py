@@ -38,6 +38,17 @@ def _bundled_demo() -> Path:
 
 
 DEMO_CATALOGUE = _bundled_demo()
+
+
+def _is_bundled_demo(catalogue: str | Path) -> bool:
+    """The bundled demo catalogue, or a byte-identical copy of it (another checkout's data/catalogue.csv,
+    read by an installation made from elsewhere): its images live in ../images, outside its folder."""
+    path = Path(catalogue)
+    if not path.is_file() or not DEMO_CATALOGUE.is_file():
+        return False
+    if path.resolve() == DEMO_CATALOGUE.resolve():
+        return True
+    return path.stat().st_size == DEMO_CATALOGUE.stat().st_size and path.read_bytes() == DEMO_CATALOGUE.read_bytes()
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 
@@ -267,7 +278,7 @@ def extract_features_cmd(catalogue, overwrite, threads, worker_index, worker_cou
     of processes. Many GPUs or machines: `torchrun --nproc-per-node 8 -m huse_pipeline extract-features ...`.
     """
     catalogue = catalogue or _default_catalogue()
-    if Path(catalogue).resolve() == DEMO_CATALOGUE.resolve():  # our own data: its images live in ../images
+    if _is_bundled_demo(catalogue):  # our own data: its images live in ../images
         options["allow_outside_root"] = True
     _preflight_extract(catalogue, options)
     import torch

@@ -343,6 +343,24 @@ def test_item1_the_bundled_demo_still_needs_no_option(tmp_path):
     assert attrs["n_items"] == 300 and attrs["extract_config"]["allow_outside_root"] is True
 
 
+def test_item1_a_copy_of_the_demo_in_another_checkout_needs_no_option_either(tmp_path):
+    """An installation made from one checkout, run in another: that checkout's data/catalogue.csv is the
+    same demo, byte for byte, so it is trusted too; an edited copy is not."""
+    other = tmp_path / "checkout"
+    (other / "data").mkdir(parents=True)
+    shutil.copyfile(REPO / "data" / "catalogue.csv", other / "data" / "catalogue.csv")
+    shutil.copytree(REPO / "images", other / "images")
+    base = ["extract-features", "--catalogue", str(other / "data" / "catalogue.csv"), "--image-encoder", "stub",
+            "--text-encoder", "stub", "--num-workers", "0", "--device", "cpu"]
+    result = _run_cli(base + ["--out", str(tmp_path / "copy.h5")])
+    assert result.exit_code == 0, result.output
+    assert features.read_attrs(tmp_path / "copy.h5")["n_items"] == 300
+    with open(other / "data" / "catalogue.csv", "a", encoding="utf-8") as fh:
+        fh.write("../images/73566.jpg,one more row,apparel<topwear<tshirts\n")
+    result = _run_cli(base + ["--out", str(tmp_path / "edited.h5")])
+    assert result.exit_code != 0 and "image outside --image-root" in result.output
+
+
 # ------------------------------------------------------------------------- item 2: NUL bytes
 
 
