@@ -29,20 +29,12 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 from huse_pipeline.data.text import normalise_text, prepare_texts  # noqa: E402
 from huse_pipeline.encoders.text import load_text_encoder  # noqa: E402
 from huse_pipeline.extract.run import ExtractConfig, load_job, process_parts, tune_cpu_allocator  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_model  # noqa: E402
 
 
 def pooled(rates: list[float]) -> float:

@@ -46,6 +46,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
+from machine import cpu_model  # noqa: E402
 
 from huse_pipeline.train.config import TrainConfig  # noqa: E402
 
@@ -104,8 +106,7 @@ def is_current(run_dir: Path, fields: dict[str, float | str], seed: int) -> bool
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    cpu = cpu_model()
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"

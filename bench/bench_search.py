@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py
 
 from huse_pipeline.search import vectors
+from machine import cpu_model  # noqa: E402
 
 
 def percentiles(times: list[tuple[float, float]]) -> str:
@@ -105,10 +107,7 @@ def main() -> None:
     from huse_pipeline.search.space import Space
 
     rng = np.random.default_rng(args.seed)
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    cpu = cpu_model()
     print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), python {platform.python_version()}; load average {os.getloadavg()[0]:.1f}")
 

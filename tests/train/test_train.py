@@ -156,25 +156,31 @@ def test_same_seed_same_checkpoint_bit_for_bit(feats, tmp_path):
     assert not states_equal(state["a"], state["c"])  # the comparison can fail
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(feats, tmp_path, monkeypatch):
-    fs = features.read_features(feats, views=True)
-    cfg = small(epochs=6, patience=10)
-    fit(fs, cfg, tmp_path / "straight")
-
+def fit_interrupted(monkeypatch, source, cfg, out, in_epoch: int) -> None:
+    """`fit` interrupted by Ctrl-C at the second training step of epoch `in_epoch` (the loss of
+    validation batches, which run under no_grad, is not counted)."""
     real_loss, calls = train._loss, {"n": 0}
-    steps_per_epoch = math.ceil(len(fs.indices("train")) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(source.indices("train")) / cfg.batch_size)
 
     def interrupted(*args, **kwargs):
-        if torch.is_grad_enabled():  # training batches only (validation runs under no_grad)
+        if torch.is_grad_enabled():
             calls["n"] += 1
-            if calls["n"] == 3 * steps_per_epoch + 2:  # in the middle of epoch 4
+            if calls["n"] == (in_epoch - 1) * steps_per_epoch + 2:
                 raise KeyboardInterrupt
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(train, "_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fit(fs, cfg, tmp_path / "cut")
+        fit(source, cfg, out)
     monkeypatch.setattr(train, "_loss", real_loss)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(feats, tmp_path, monkeypatch):
+    fs = features.read_features(feats, views=True)
+    cfg = small(epochs=6, patience=10)
+    fit(fs, cfg, tmp_path / "straight")
+
+    fit_interrupted(monkeypatch, fs, cfg, tmp_path / "cut", in_epoch=4)  # in the middle of epoch 4
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 3
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
     with pytest.raises(HuseError, match="already holds a run"):
@@ -419,20 +425,7 @@ def test_streaming_is_bit_reproducible_and_resumes_identically(feats, tmp_path, 
     cfg = small(epochs=4, patience=10, data="stream", stream_block_rows=16, stream_buffer_mb=1)
     fit(ff, cfg, tmp_path / "straight")
     fit(ff, cfg, tmp_path / "again")
-    real_loss, calls = train._loss, {"n": 0}
-    steps_per_epoch = math.ceil(len(ff.indices("train")) / cfg.batch_size)
-
-    def interrupted(*args, **kwargs):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 2 * steps_per_epoch + 2:  # in the middle of epoch 3
-                raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_loss", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        fit(ff, cfg, tmp_path / "cut")
-    monkeypatch.setattr(train, "_loss", real_loss)
+    fit_interrupted(monkeypatch, ff, cfg, tmp_path / "cut", in_epoch=3)  # in the middle of epoch 3
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
     fit(ff, cfg, tmp_path / "cut", resume=True)
     a, b, c = (load_checkpoint(tmp_path / r / "last.pt") for r in ("straight", "again", "cut"))
